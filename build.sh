@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Build Sluice on this machine, idempotently:
+#   ./build.sh          create .venv, install the project, generate proto stubs, train the example models
+#   ./build.sh test     the above, then run the whole test suite
+#   ./build.sh images   build the container images used by docker-compose.yml (needs a Docker engine)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+VENV=.venv
+PY=$VENV/bin/python
+
+step() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+install_project() {
+  if [ ! -x "$PY" ]; then
+    step "creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+    "$PY" -m pip install -q --upgrade pip
+  fi
+  # Re-install only when pyproject.toml changed since the last successful install.
+  local stamp=$VENV/.sluice-installed want
+  want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    step "installing sluice and its dependencies"
+    "$PY" -m pip install -q -e '.[dev]'
+    echo "$want" >"$stamp"
+  fi
+}
+
+generate_protos() {
+  step "generating proto stubs"
+  mkdir -p sluice/v1
+  "$PY" -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. proto/sluice/v1/*.proto
+  : >sluice/v1/__init__.py
+}
+
+train_models() {
+  step "training the example models (deterministic)"
+  "$PY" -m models.build
+}
+
+install_project
+generate_protos
+train_models
+
+case "${1:-}" in
+  "") ;;
+  test)
+    shift
+    step "running the tests"
+    exec "$PY" -m pytest "$@"
+    ;;
+  images)
+    step "building container images"
+    exec docker compose build
+    ;;
+  *)
+    echo "usage: ./build.sh [test [pytest args...] | images]" >&2
+    exit 2
+    ;;
+esac

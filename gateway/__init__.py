@@ -1,0 +1,3 @@
+"""The data-plane entry: runs pipelines stage by stage through its Envoy sidecar.
+Entry point: ``python -m gateway``.
+"""

@@ -1,0 +1,67 @@
+"""The gateway's HTTP API: ``POST /serve/<pipeline>`` (and ``/api/v1/serve/<pipeline>``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gateway.codec import decode_outputs, encode_inputs, parse_records
+from gateway.executor import StageFailed
+from sluice.errors import ApiError, error_response
+from sluice.tensors import TensorError
+
+router = APIRouter()
+
+
+async def _serve(pipeline_name: str, request: Request) -> Response:
+    state = request.app.state
+    pipeline = state.table.get(pipeline_name)
+    if pipeline is None:
+        raise ApiError(404, f"no pipeline {pipeline_name!r}", "not_found", pipeline=pipeline_name)
+    body = await request.body()
+    try:
+        records, single = parse_records(body)
+        inputs = encode_inputs(pipeline, records)
+    except TensorError as exc:
+        raise ApiError(422, str(exc), "invalid_input", pipeline=pipeline_name) from None
+    try:
+        outputs = await state.executor.run(pipeline, inputs)
+    except StageFailed as exc:
+        return error_response(
+            exc.status,
+            f"stage {exc.stage.index} ({exc.stage.name}) failed: {exc.message}",
+            exc.code,
+            pipeline=pipeline_name,
+            stage=exc.stage.index,
+            stage_name=exc.stage.name,
+            model=exc.stage.model,
+        )
+    return Response(
+        decode_outputs(outputs, single),
+        media_type="application/json",
+        headers={"x-sluice-revision": str(pipeline.revision)},
+    )
+
+
+@router.post("/serve/{pipeline}", tags=["serve"])
+async def serve(pipeline: str, request: Request) -> Response:
+    """Run the pipeline on JSON records; answers the last stage's outputs as records."""
+    return await _serve(pipeline, request)
+
+
+@router.post("/api/v1/serve/{pipeline}", tags=["serve"])
+async def serve_v1(pipeline: str, request: Request) -> Response:
+    """Same as ``/serve/<pipeline>``."""
+    return await _serve(pipeline, request)
+
+
+@router.get("/api/v1/pipelines", tags=["pipelines"])
+async def served(request: Request) -> dict:
+    """The pipelines this gateway serves now, and the version of the set."""
+    table = request.app.state.table
+    return {
+        "version": table.version,
+        "pipelines": {
+            p.name: {"revision": p.revision, "stages": [s.name for s in p.stages]} for p in table.pipelines.values()
+        },
+    }

@@ -1,0 +1,27 @@
+"""Gateway settings (``SLUICE_GATEWAY_*``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLUICE_GATEWAY_", extra="ignore")
+
+    node_id: str = "gateway"
+    host: str = "127.0.0.1"
+    #: the HTTP API's own port (its sidecar's ingress is the public 8083)
+    port: int = 18083
+    #: the OIP gRPC API's own port (pipelines served as models); 0: off
+    grpc_port: int = 18084
+    #: the sidecar's egress listener that stage calls go through
+    egress: str = "127.0.0.1:15001"
+    #: the manager's gRPC address (PipelineDiscovery)
+    manager_grpc: str = "127.0.0.1:18000"
+    #: requests with a larger body get a 413
+    max_body_bytes: int = Field(4 << 20, gt=0)
+    #: largest tensor message between stages
+    max_message_bytes: int = Field(64 << 20, gt=0)
+    #: slack added to a stage's route timeout for the gRPC deadline, so Envoy times out first
+    deadline_slack_ms: int = Field(1000, ge=0)

@@ -1,0 +1,145 @@
+"""The manager's REST API: pipelines, runtimes (registration and heartbeats), mesh status."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request, Response, status
+
+from manager.control import ControlPlane
+from manager.registry.embedded import EmbeddedRegistry
+from manager.schemas import (
+    InstanceOut,
+    ModelOut,
+    PipelineOut,
+    PipelineSpec,
+    Registered,
+    RuntimeOut,
+    RuntimeRegistration,
+    StageOut,
+)
+from manager.store import PipelineRow
+from sluice.errors import ApiError
+
+router = APIRouter(prefix="/api/v1")
+
+
+def _control(request: Request) -> ControlPlane:
+    return request.app.state.control
+
+
+def _pipeline_out(row: PipelineRow) -> PipelineOut:
+    return PipelineOut(
+        name=row.name,
+        transportType=row.definition.get("transportType", "http"),
+        revision=row.revision,
+        definition=row.definition,
+        stages=[StageOut(**s) for s in row.stages],
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+@router.get("/pipelines", response_model=list[PipelineOut], tags=["pipelines"])
+async def list_pipelines(request: Request) -> list[PipelineOut]:
+    return [_pipeline_out(r) for _, r in sorted(_control(request).served.items())]
+
+
+@router.post("/pipelines", response_model=PipelineOut, status_code=status.HTTP_201_CREATED, tags=["pipelines"])
+async def create_pipeline(spec: PipelineSpec, request: Request) -> PipelineOut:
+    """Create a pipeline; it is served once Envoy holds its routes."""
+    return _pipeline_out(await _control(request).create_pipeline(spec))
+
+
+@router.get("/pipelines/{name}", response_model=PipelineOut, tags=["pipelines"])
+async def get_pipeline(name: str, request: Request) -> PipelineOut:
+    row = _control(request).served.get(name)
+    if row is None:
+        raise ApiError(404, f"no pipeline {name!r}", "not_found", pipeline=name)
+    return _pipeline_out(row)
+
+
+@router.put("/pipelines/{name}", response_model=PipelineOut, tags=["pipelines"])
+async def replace_pipeline(name: str, spec: PipelineSpec, request: Request) -> PipelineOut:
+    """Replace a pipeline: the new revision is routed before it is served (blue/green)."""
+    return _pipeline_out(await _control(request).replace_pipeline(name, spec))
+
+
+@router.delete("/pipelines/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["pipelines"])
+async def delete_pipeline(name: str, request: Request) -> Response:
+    await _control(request).delete_pipeline(name)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/runtimes", response_model=list[RuntimeOut], tags=["runtimes"])
+async def list_runtimes(request: Request) -> list[RuntimeOut]:
+    control = _control(request)
+    return [_runtime_out(control, name) for name in sorted(control.runtimes)]
+
+
+@router.get("/runtimes/{name}", response_model=RuntimeOut, tags=["runtimes"])
+async def get_runtime(name: str, request: Request) -> RuntimeOut:
+    control = _control(request)
+    if name not in control.runtimes:
+        raise ApiError(404, f"no runtime {name!r}", "not_found", runtime=name)
+    return _runtime_out(control, name)
+
+
+def _runtime_out(control: ControlPlane, name: str) -> RuntimeOut:
+    runtime = control.runtimes[name]
+    endpoints = control.registry.endpoints().get(name, [])
+    seen = {i.id: i.last_seen for i in control.registry.instances()} if isinstance(control.registry, EmbeddedRegistry) else {}
+    return RuntimeOut(
+        name=name,
+        kind=runtime.kind,
+        models=[ModelOut(name=m, **sig) for m, sig in sorted(runtime.models.items())],
+        instances=[
+            InstanceOut(id=e.instance_id, host=e.host, port=e.port, healthy=True, last_seen=seen.get(e.instance_id, time.time()))
+            for e in endpoints
+        ],
+    )
+
+
+@router.post("/runtimes", response_model=Registered, status_code=status.HTTP_201_CREATED, tags=["runtimes"])
+async def register_runtime(reg: RuntimeRegistration, request: Request) -> Registered:
+    """Register a runtime instance (any OIP v2 gRPC server); its models' signatures are read over OIP."""
+    return await _control(request).register_runtime(reg)
+
+
+@router.put("/runtimes/{name}/instances/{instance_id}/heartbeat", status_code=204, tags=["runtimes"])
+async def heartbeat(name: str, instance_id: str, request: Request) -> Response:
+    registry = _control(request).registry
+    if not isinstance(registry, EmbeddedRegistry) or not registry.heartbeat(instance_id):
+        raise ApiError(404, f"no instance {instance_id!r} of runtime {name!r}: register again", "not_registered")
+    return Response(status_code=204)
+
+
+@router.delete("/runtimes/{name}/instances/{instance_id}", status_code=204, tags=["runtimes"])
+async def deregister(name: str, instance_id: str, request: Request) -> Response:
+    registry = _control(request).registry
+    if not isinstance(registry, EmbeddedRegistry) or not registry.deregister(instance_id):
+        raise ApiError(404, f"no instance {instance_id!r} of runtime {name!r}", "not_found")
+    return Response(status_code=204)
+
+
+@router.get("/mesh", tags=["mesh"])
+async def mesh(request: Request) -> dict:
+    """What each connected Envoy node holds: snapshot versions, acknowledged versions, NACKs."""
+    control = _control(request)
+    return {
+        "gateways": control.feed.gateways,
+        "pushes": control.cache.pushes,
+        "nacks": control.cache.nacks,
+        "nodes": {
+            node_id: {
+                "role": s.info.role,
+                "service": s.info.service,
+                "connected": s.streams > 0,
+                "versions": {t.rsplit(".", 1)[-1]: v for t, v in s.snapshot.versions.items()},
+                "acked": {t.rsplit(".", 1)[-1]: v for t, v in s.acked.items()},
+                "nacks": s.nacks,
+                "last_nack": s.last_nack,
+            }
+            for node_id, s in sorted(control.cache.nodes().items())
+        },
+    }

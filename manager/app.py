@@ -1,0 +1,83 @@
+"""Wires the manager: store, registry, control plane, REST app and the gRPC server
+that carries both ADS (for Envoys) and PipelineDiscovery (for gateways).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from fastapi import FastAPI
+
+from manager.api import router
+from manager.control import ControlPlane
+from manager.registry.embedded import EmbeddedRegistry
+from manager.settings import ManagerSettings
+from manager.store import Store
+from manager.xds.ads import AdsServicer
+from sluice.errors import install_error_handlers
+from sluice.limits import BodyLimitMiddleware
+from sluice.settings import CommonSettings
+from sluice.v1 import pipeline_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def build_registry(settings: ManagerSettings, common: CommonSettings, store: Store):
+    if common.consul_addr:
+        from manager.registry.consul import ConsulRegistry
+
+        return ConsulRegistry(common.consul_addr)
+    return EmbeddedRegistry(store, settings.heartbeat_ttl_s)
+
+
+def zipkin_address(url: str) -> tuple[str, int] | None:
+    if not url:
+        return None
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    return parsed.hostname or "127.0.0.1", parsed.port or 9411
+
+
+def create(settings: ManagerSettings, common: CommonSettings) -> tuple[FastAPI, grpc.aio.Server, ControlPlane]:
+    store = Store(settings.db_path)
+    control = ControlPlane(
+        settings,
+        store,
+        build_registry(settings, common, store),
+        zipkin=zipkin_address(common.zipkin_url),
+        trace_sample_percent=common.trace_sample_rate * 100,
+    )
+
+    server = grpc.aio.server(options=[("grpc.keepalive_time_ms", 30_000)])
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsServicer(control.cache), server)
+    pipeline_pb2_grpc.add_PipelineDiscoveryServicer_to_server(control.feed, server)
+    server.add_insecure_port(f"{settings.xds_host}:{settings.xds_port}")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        await control.start()
+        log.info("manager: REST on %s:%d, xDS on %s:%d", settings.host, settings.port, settings.xds_host, settings.xds_port)
+        yield
+        await control.stop()
+        store.close()
+
+    app = FastAPI(
+        title="Sluice manager",
+        version="0.1.0",
+        description="Pipelines and runtimes of the Sluice mesh; the xDS control plane of its Envoy sidecars.",
+        lifespan=lifespan,
+    )
+    app.state.control = control
+    install_error_handlers(app)
+    app.include_router(router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app, server, control

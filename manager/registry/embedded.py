@@ -1,0 +1,95 @@
+"""The manager's own registry: runtimes register over REST and renew with heartbeats.
+
+An instance that misses heartbeats for ``ttl_s`` is removed (and so its endpoint
+leaves Envoy). Instances are persisted, so after a manager restart they keep serving
+for one more TTL while their heartbeats find the new manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from manager.registry.base import Endpoint, Registry
+from manager.store import InstanceRow, Store
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedRegistry(Registry):
+    def __init__(self, store: Store, ttl_s: float, clock=time.monotonic):
+        super().__init__()
+        self._store = store
+        self._ttl = ttl_s
+        self._clock = clock
+        self._instances: dict[str, InstanceRow] = {}
+        self._deadline: dict[str, float] = {}
+        self._sweeper: asyncio.Task | None = None
+        now = clock()
+        for inst in store.instances():  # grace period after a restart
+            self._instances[inst.id] = inst
+            self._deadline[inst.id] = now + ttl_s
+
+    def endpoints(self) -> dict[str, list[Endpoint]]:
+        out: dict[str, list[Endpoint]] = {}
+        for inst in self._instances.values():
+            out.setdefault(inst.runtime, []).append(Endpoint(inst.runtime, inst.host, inst.port, inst.id))
+        return {k: sorted(v) for k, v in out.items()}
+
+    def instances(self) -> list[InstanceRow]:
+        return list(self._instances.values())
+
+    def register(self, instance_id: str, runtime: str, host: str, port: int) -> None:
+        inst = InstanceRow(instance_id, runtime, host, port, time.time())
+        previous = self._instances.get(instance_id)
+        self._instances[instance_id] = inst
+        self._deadline[instance_id] = self._clock() + self._ttl
+        self._store.put_instance(inst)
+        if previous is None or (previous.host, previous.port, previous.runtime) != (host, port, runtime):
+            log.info("runtime %s instance %s registered at %s:%d", runtime, instance_id, host, port)
+            self._changed()
+
+    def heartbeat(self, instance_id: str) -> bool:
+        if instance_id not in self._instances:
+            return False
+        self._deadline[instance_id] = self._clock() + self._ttl
+        return True
+
+    def deregister(self, instance_id: str) -> bool:
+        inst = self._instances.pop(instance_id, None)
+        self._deadline.pop(instance_id, None)
+        self._store.delete_instance(instance_id)
+        if inst is not None:
+            log.info("runtime %s instance %s deregistered", inst.runtime, instance_id)
+            self._changed()
+        return inst is not None
+
+    def sweep(self) -> list[str]:
+        """Remove instances whose heartbeats stopped; returns their ids."""
+        now = self._clock()
+        expired = [i for i, deadline in self._deadline.items() if deadline < now]
+        for instance_id in expired:
+            inst = self._instances.pop(instance_id)
+            del self._deadline[instance_id]
+            self._store.delete_instance(instance_id)
+            log.warning("runtime %s instance %s missed its heartbeats: removed", inst.runtime, instance_id)
+        if expired:
+            self._changed()
+        return expired
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    async def _sweep_forever(self) -> None:
+        interval = min(1.0, self._ttl / 4)
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep()

@@ -1,0 +1,132 @@
+"""Turns a pipeline definition into resolved stages, checked against model signatures.
+
+Each stage gets its runtime, model, signature, Envoy route key and input bindings
+(which output of the previous stage feeds which input). A stage that names an
+unknown runtime or model, or whose inputs the previous stage cannot feed, is refused
+with a 422 that names the stage, the tensor and the mismatch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from manager.schemas import PipelineSpec, StageSpec
+from manager.store import RuntimeRow
+from sluice.errors import ApiError
+
+
+def route_key(pipeline: str, revision: int, stage: int) -> str:
+    """The ``x-sluice-route`` value Envoy matches for one stage of one revision."""
+    return f"{pipeline}.r{revision}.s{stage}"
+
+
+def resolve(spec: PipelineSpec, revision: int, runtimes: dict[str, RuntimeRow], default_timeout_ms: int) -> list[dict[str, Any]]:
+    stages: list[dict[str, Any]] = []
+    previous: dict[str, Any] | None = None
+    for index, stage in enumerate(spec.stage_list()):
+        signature = _signature(index, stage, runtimes)
+        resolved = {
+            "name": stage.label,
+            "runtime": stage.runtime,
+            "model": stage.model,
+            "version": stage.version,
+            "route": route_key(spec.name, revision, index),
+            "timeout_ms": stage.timeout_ms or default_timeout_ms,
+            "inputs": signature["inputs"],
+            "outputs": signature["outputs"],
+            "bindings": _bindings(index, stage, signature["inputs"], previous) if previous else {},
+        }
+        stages.append(resolved)
+        previous = resolved
+    return stages
+
+
+def _signature(index: int, stage: StageSpec, runtimes: dict[str, RuntimeRow]) -> dict[str, Any]:
+    runtime = runtimes.get(stage.runtime)
+    if runtime is None:
+        raise ApiError(
+            422,
+            f"stage {index} ({stage.label}): unknown runtime {stage.runtime!r}",
+            "unknown_runtime",
+            stage=index,
+            runtime=stage.runtime,
+            known=sorted(runtimes),
+        )
+    model = runtime.models.get(stage.model)
+    if model is None:
+        raise ApiError(
+            422,
+            f"stage {index} ({stage.label}): runtime {stage.runtime!r} serves no model {stage.model!r}",
+            "unknown_model",
+            stage=index,
+            runtime=stage.runtime,
+            model=stage.model,
+            known=sorted(runtime.models),
+        )
+    versions = model.get("versions") or []
+    if stage.version and versions and stage.version not in versions:
+        raise ApiError(
+            422,
+            f"stage {index} ({stage.label}): model {stage.model!r} has no version {stage.version!r}",
+            "unknown_version",
+            stage=index,
+            model=stage.model,
+            versions=versions,
+        )
+    return model
+
+
+def _bindings(index: int, stage: StageSpec, inputs: list[dict], previous: dict[str, Any]) -> dict[str, str]:
+    outputs = {t["name"]: t for t in previous["outputs"]}
+    explicit = stage.inputs or {}
+    unknown = set(explicit) - {t["name"] for t in inputs}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise _mismatch(index, stage, name, f"the stage has no input {name!r}")
+    bindings: dict[str, str] = {}
+    for tensor in inputs:
+        name = tensor["name"]
+        if name in explicit:
+            source = explicit[name]
+        elif name in outputs:
+            source = name
+        elif len(inputs) == 1 and len(outputs) == 1:
+            source = next(iter(outputs))
+        else:
+            raise _mismatch(
+                index, stage, name,
+                f"no output of stage {index - 1} ({previous['name']}) feeds input {name!r}; "
+                f"its outputs are {sorted(outputs)}",
+            )
+        if source not in outputs:
+            raise _mismatch(index, stage, name, f"stage {index - 1} has no output {source!r}")
+        _check_compatible(index, stage, tensor, outputs[source])
+        bindings[name] = source
+    return bindings
+
+
+def _check_compatible(index: int, stage: StageSpec, wanted: dict, given: dict) -> None:
+    name = wanted["name"]
+    if wanted["datatype"] != given["datatype"]:
+        raise _mismatch(
+            index, stage, name,
+            f"input {name!r} wants {wanted['datatype']}, output {given['name']!r} gives {given['datatype']}",
+        )
+    want_shape, give_shape = wanted["shape"], given["shape"]
+    if len(want_shape) != len(give_shape) or any(
+        w != -1 and g != -1 and w != g for w, g in zip(want_shape, give_shape)
+    ):
+        raise _mismatch(
+            index, stage, name,
+            f"input {name!r} wants shape {want_shape}, output {given['name']!r} gives {give_shape}",
+        )
+
+
+def _mismatch(index: int, stage: StageSpec, tensor: str, why: str) -> ApiError:
+    return ApiError(
+        422,
+        f"stage {index} ({stage.label}): {why}",
+        "signature_mismatch",
+        stage=index,
+        tensor=tensor,
+    )

@@ -1,0 +1,132 @@
+"""The manager's REST contract: typed request and response bodies.
+
+A pipeline comes in the seed's form, ``{"name", "transportType", "chain": ["runtime/model[:version]"]}``,
+or the richer ``stages`` form (per-stage timeout and explicit input bindings); both
+resolve to the same list of stages.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+_CHAIN_ENTRY = re.compile(r"^(?P<runtime>[A-Za-z0-9][A-Za-z0-9_.-]*)/(?P<model>[A-Za-z0-9][A-Za-z0-9_.-]*)(?::(?P<version>[A-Za-z0-9_.-]+))?$")
+
+
+class TensorSpecModel(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class StageSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    runtime: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    version: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str | None = None
+    timeout_ms: int | None = Field(None, gt=0, le=600_000)
+    #: input tensor -> output tensor of the previous stage (default: same name, or the only one)
+    inputs: dict[str, str] | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.runtime}/{self.model}" + (f":{self.version}" if self.version else "")
+
+
+def parse_chain_entry(entry: str) -> StageSpec:
+    match = _CHAIN_ENTRY.match(entry)
+    if not match:
+        raise ValueError(f"chain entry {entry!r} must look like '<runtime>/<model>[:<version>]'")
+    return StageSpec(runtime=match["runtime"], model=match["model"], version=match["version"])
+
+
+class PipelineSpec(BaseModel):
+    """A pipeline definition as users POST it."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=NAME)
+    transportType: Literal["http", "grpc"] = "http"
+    chain: list[str] | None = Field(None, min_length=1, max_length=64)
+    stages: list[StageSpec] | None = Field(None, min_length=1, max_length=64)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "PipelineSpec":
+        if (self.chain is None) == (self.stages is None):
+            raise ValueError("give exactly one of 'chain' or 'stages'")
+        for entry in self.chain or []:
+            parse_chain_entry(entry)  # a malformed entry is a 422 now, not at resolve time
+        return self
+
+    def stage_list(self) -> list[StageSpec]:
+        return list(self.stages) if self.stages is not None else [parse_chain_entry(e) for e in self.chain or []]
+
+
+class StageOut(BaseModel):
+    name: str
+    runtime: str
+    model: str
+    version: str | None
+    route: str
+    timeout_ms: int
+    inputs: list[TensorSpecModel]
+    outputs: list[TensorSpecModel]
+    bindings: dict[str, str]
+
+
+class PipelineOut(BaseModel):
+    name: str
+    transportType: str
+    revision: int
+    definition: dict
+    stages: list[StageOut]
+    created_at: float
+    updated_at: float
+
+
+class RuntimeRegistration(BaseModel):
+    """What a runtime instance says about itself when it registers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    kind: str = Field("oip", max_length=64)
+    host: str = Field(min_length=1, max_length=253)
+    port: int = Field(gt=0, lt=65536)
+    #: model names (optionally ``name:version``); empty: ask the server's repository index
+    models: list[str] = Field(default_factory=list, max_length=1024)
+    instance_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+class Registered(BaseModel):
+    instance_id: str
+    heartbeat_interval_s: float
+    ttl_s: float
+
+
+class ModelOut(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorSpecModel]
+    outputs: list[TensorSpecModel]
+
+
+class InstanceOut(BaseModel):
+    id: str
+    host: str
+    port: int
+    healthy: bool
+    last_seen: float
+
+
+class RuntimeOut(BaseModel):
+    name: str
+    kind: str
+    models: list[ModelOut]
+    instances: list[InstanceOut]

@@ -1,0 +1,47 @@
+"""Reads the models a runtime serves and their signatures over OIP v2 gRPC.
+
+Works against any Open-Inference-Protocol server (our runtimes, Triton, MLServer):
+ModelMetadata for each named model, or the repository index when none are named.
+"""
+
+from __future__ import annotations
+
+import grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+
+class SignatureError(RuntimeError):
+    pass
+
+
+def _tensors(items) -> list[dict]:
+    return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in items]
+
+
+def split_model_ref(ref: str) -> tuple[str, str]:
+    name, _, version = ref.partition(":")
+    return name, version
+
+
+async def read_signatures(host: str, port: int, models: list[str], timeout_s: float) -> dict[str, dict]:
+    """Model name -> {versions, platform, inputs, outputs} read from the server."""
+    async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            if not models:
+                index = await stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=timeout_s)
+                models = sorted({m.name for m in index.models})
+            out: dict[str, dict] = {}
+            for ref in models:
+                name, version = split_model_ref(ref)
+                meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=name, version=version), timeout=timeout_s)
+                out[name] = {
+                    "versions": list(meta.versions) or ([version] if version else []),
+                    "platform": meta.platform,
+                    "inputs": _tensors(meta.inputs),
+                    "outputs": _tensors(meta.outputs),
+                }
+            return out
+        except grpc.aio.AioRpcError as exc:
+            raise SignatureError(f"{host}:{port}: {exc.code().name}: {exc.details()}") from exc

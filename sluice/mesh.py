@@ -1,0 +1,210 @@
+"""A whole Sluice mesh on one machine, as processes: what ``sluice up`` and the
+end-to-end tests start.
+
+Order: manager (it is the xDS server every sidecar needs), repository, runtimes,
+gateway; each service with its own Envoy sidecar, each step ready-checked before
+the next. The sidecar owns the public port; the process listens on a local one.
+Every process is stopped by its PID, in reverse order, also when start-up fails.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import httpx
+
+from sluice.envoy import Sidecar
+from sluice.procs import Proc, Supervisor, free_port, grpc_serving, http_ok, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    name: str
+    kind: str  # module runtimes.<kind>
+    models: tuple[str, ...]
+    public_port: int = 0  # the sidecar's ingress; 0: pick a free port
+    local_port: int = 0
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class MeshPorts:
+    manager: int = 8080
+    manager_local: int = 18080
+    xds: int = 18000
+    gateway: int = 8083
+    gateway_local: int = 18083
+    gateway_grpc: int = 18084
+    egress: int = 15001
+    repository: int = 8087
+    repository_local: int = 18087
+
+    @classmethod
+    def ephemeral(cls) -> "MeshPorts":
+        return cls(**{name: free_port() for name in cls.__dataclass_fields__})
+
+
+@dataclass
+class LocalMesh:
+    workdir: Path
+    runtimes: list[RuntimeSpec]
+    ports: MeshPorts = field(default_factory=MeshPorts)
+    env: dict[str, str] = field(default_factory=dict)
+    timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir)
+        self.supervisor = Supervisor(self.workdir / "logs")
+        self.procs: dict[str, Proc] = {}
+        self.runtimes = [self._with_ports(r) for r in self.runtimes]
+
+    # --- addresses
+    @property
+    def manager_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.manager}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.gateway}"
+
+    @property
+    def repository_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.repository}"
+
+    def runtime(self, name: str) -> RuntimeSpec:
+        return next(r for r in self.runtimes if r.name == name)
+
+    def admin_url(self, node_id: str) -> str:
+        return f"http://127.0.0.1:{self._admin_ports[node_id]}"
+
+    # --- lifecycle
+    def start(self) -> "LocalMesh":
+        self._admin_ports: dict[str, int] = {}
+        try:
+            self.start_manager()
+            self._start_service("repository", "repository", self.ports.repository, self.ports.repository_local, {
+                "SLUICE_REPOSITORY_PORT": str(self.ports.repository_local),
+                "SLUICE_REPOSITORY_ROOTS": self.env.get("SLUICE_REPOSITORY_ROOTS", "models/store:models/triton"),
+            })
+            for runtime in self.runtimes:
+                self.start_runtime(runtime.name)
+            self._start_gateway()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        self.supervisor.stop_all()
+        self.procs.clear()
+
+    def __enter__(self) -> "LocalMesh":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start_manager(self) -> None:
+        self._start_service("manager", "manager", self.ports.manager, self.ports.manager_local, self._manager_env())
+
+    def stop_manager(self) -> None:
+        """Stop the manager process only; its sidecar (and every other Envoy) keeps serving."""
+        self.supervisor.stop(self.procs.pop("manager"))
+
+    def restart_manager(self) -> None:
+        self.stop_manager()
+        proc = self._python("manager", "manager", self._manager_env())
+        wait_until(http_ok(f"{self.manager_url}/healthz"), self.timeout_s, "the restarted manager", proc)
+
+    def start_runtime(self, name: str) -> None:
+        spec = self.runtime(name)
+        env = {
+            "SLUICE_RUNTIME_NAME": spec.name,
+            "SLUICE_RUNTIME_PORT": str(spec.local_port),
+            "SLUICE_RUNTIME_PUBLIC_PORT": str(spec.public_port),
+            "SLUICE_RUNTIME_MODELS": ",".join(spec.models),
+            "SLUICE_RUNTIME_REPOSITORY_URL": self.repository_url,
+            "SLUICE_RUNTIME_MANAGER_URL": self.manager_url,
+            "SLUICE_RUNTIME_CACHE_DIR": str(self.workdir / "cache" / spec.name),
+            **dict(spec.env),
+        }
+        key = f"runtime-{spec.name}"
+        proc = self._python(key, f"runtimes.{spec.kind}", env)
+        wait_until(grpc_serving(f"127.0.0.1:{spec.local_port}"), self.timeout_s, f"runtime {spec.name}", proc)
+        if f"{key}-sidecar" not in self.procs:
+            self._sidecar(key, spec.name, "runtime", spec.public_port, spec.local_port, protocol="grpc")
+        wait_until(self._registered(spec.name), self.timeout_s, f"runtime {spec.name} to register", proc)
+
+    def stop_runtime(self, name: str) -> None:
+        """Kill a runtime's process (its sidecar stays, as a crashed container's would)."""
+        self.supervisor.stop(self.procs.pop(f"runtime-{name}"))
+
+    # --- internals
+    def _with_ports(self, spec: RuntimeSpec) -> RuntimeSpec:
+        return replace(spec, public_port=spec.public_port or free_port(), local_port=spec.local_port or free_port())
+
+    def _manager_env(self) -> dict[str, str]:
+        return {
+            "SLUICE_MANAGER_PORT": str(self.ports.manager_local),
+            "SLUICE_MANAGER_XDS_PORT": str(self.ports.xds),
+            "SLUICE_MANAGER_DB_PATH": str(self.workdir / "manager.db"),
+        }
+
+    def _python(self, key: str, module: str, env: dict[str, str]) -> Proc:
+        proc = self.supervisor.start_python(key, module, {**self.env, **env}, cwd=ROOT)
+        self.procs[key] = proc
+        return proc
+
+    def _sidecar(self, key: str, service: str, role: str, ingress: int, local: int, **extra) -> Proc:
+        node_id = key
+        admin = free_port()
+        self._admin_ports[node_id] = admin
+        sidecar = Sidecar(
+            node_id=node_id, service=service, role=role, ingress_port=ingress, service_port=local,
+            admin_port=admin, xds_host="127.0.0.1", xds_port=self.ports.xds, **extra,
+        )
+        path = self.workdir / "envoy" / f"{node_id}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(sidecar.bootstrap())
+        proc = self.supervisor.start(f"{key}-sidecar", sidecar.command(path))
+        self.procs[f"{key}-sidecar"] = proc
+        wait_until(http_ok(sidecar.ready_url), self.timeout_s, f"{key}'s Envoy sidecar", proc)
+        return proc
+
+    def _start_service(self, key: str, module: str, public: int, local: int, env: dict[str, str]) -> None:
+        proc = self._python(key, module, env)
+        wait_until(http_ok(f"http://127.0.0.1:{local}/healthz"), self.timeout_s, key, proc)
+        self._sidecar(key, key, "service", public, local)
+        wait_until(http_ok(f"http://127.0.0.1:{public}/healthz"), self.timeout_s, f"{key} through its sidecar", proc)
+
+    def _start_gateway(self) -> None:
+        p = self.ports
+        proc = self._python("gateway", "gateway", {
+            "SLUICE_GATEWAY_PORT": str(p.gateway_local),
+            "SLUICE_GATEWAY_GRPC_PORT": str(p.gateway_grpc),
+            "SLUICE_GATEWAY_EGRESS": f"127.0.0.1:{p.egress}",
+            "SLUICE_GATEWAY_MANAGER_GRPC": f"127.0.0.1:{p.xds}",
+        })
+        wait_until(http_ok(f"http://127.0.0.1:{p.gateway_local}/healthz/ready"), self.timeout_s, "gateway", proc)
+        self._sidecar("gateway", "gateway", "gateway", p.gateway, p.gateway_local, egress_port=p.egress, grpc_port=p.gateway_grpc)
+        wait_until(http_ok(f"{self.gateway_url}/healthz/ready"), self.timeout_s, "gateway through its sidecar", proc)
+
+    def _registered(self, runtime: str):
+        def check() -> bool:
+            response = httpx.get(f"{self.manager_url}/api/v1/runtimes/{runtime}", timeout=1)
+            return response.status_code == 200 and bool(response.json()["instances"])
+
+        return check
+
+
+def default_runtimes() -> list[RuntimeSpec]:
+    """The runtimes ``sluice up`` starts: the iris example on scikit-learn."""
+    return [RuntimeSpec("scikit", "scikit", ("iris_scaler", "iris_classifier"), public_port=9000, local_port=19000)]
+
+
+def workdir_default() -> Path:
+    return Path(os.environ.get("SLUICE_HOME", ROOT / ".sluice"))

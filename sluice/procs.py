@@ -1,0 +1,128 @@
+"""Starts, ready-checks and stops the processes of a local mesh.
+
+Every process is started by PID, logs to its own file, and is stopped by that PID
+(SIGTERM, then SIGKILL after a grace period), also when start-up fails half-way.
+Readiness is awaited on real signals (HTTP health endpoints, Envoy's ``/ready``,
+gRPC health), each with a bounded timeout; a process that exits while awaited fails
+fast with the tail of its log.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+class StartError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Supervisor:
+    """Owns a set of child processes; ``stop_all`` ends them in reverse start order."""
+
+    log_dir: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Proc:
+        log_path = self.log_dir / f"{name}.log"
+        log_file = open(log_path, "ab")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        popen = subprocess.Popen(
+            argv, stdout=log_file, stderr=subprocess.STDOUT, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL
+        )
+        log_file.close()
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def start_python(self, name: str, module: str, env: dict[str, str], cwd: Path) -> Proc:
+        return self.start(name, [sys.executable, "-m", module], env=env, cwd=cwd)
+
+    def stop(self, proc: Proc, grace_s: float = 5.0) -> None:
+        if proc.alive():
+            proc.popen.send_signal(signal.SIGTERM)
+            try:
+                proc.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait(5)
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str, proc: Proc | None = None, interval_s: float = 0.05) -> None:
+    """Poll ``check`` until true; fail after ``timeout_s`` or as soon as ``proc`` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise StartError(f"{proc.name} exited (code {proc.popen.returncode}) while waiting for {what}:\n{proc.log_tail()}")
+        try:
+            if check():
+                return
+        except Exception:  # not up yet: connection refused, bad status...
+            pass
+        time.sleep(interval_s)
+    tail = f"\n{proc.log_tail()}" if proc is not None else ""
+    raise StartError(f"timed out after {timeout_s:.0f}s waiting for {what}{tail}")
+
+
+def http_ok(url: str, timeout_s: float = 1.0) -> Callable[[], bool]:
+    def check() -> bool:
+        return httpx.get(url, timeout=timeout_s).status_code == 200
+
+    return check
+
+
+def grpc_serving(address: str) -> Callable[[], bool]:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    def check() -> bool:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    return check

@@ -1,0 +1,322 @@
+"""Tensor codecs: NumPy arrays <-> Open Inference Protocol v2 tensors <-> JSON records.
+
+One layer, three representations:
+
+* NumPy arrays, what models compute on;
+* OIP v2 wire tensors (``InferInputTensor``/``InferOutputTensor`` metadata plus
+  ``raw_*_contents`` bytes), what travels between the gateway and runtimes. Strings
+  are OIP ``BYTES``: each element a 4-byte little-endian length then its bytes,
+  exactly Triton's layout, so Triton and MLServer read what we write;
+* JSON records (a list of flat dicts), what users send to ``/serve/<pipeline>``.
+
+Nothing here knows about pipelines or models; it only converts.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tritonclient.grpc import service_pb2 as pb
+
+# OIP datatype name -> NumPy dtype. BYTES maps to object arrays of bytes.
+DATATYPE_TO_DTYPE: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+_DTYPE_TO_DATATYPE = {v: k for k, v in DATATYPE_TO_DTYPE.items() if k != "BYTES"}
+
+# Typed-contents field of InferTensorContents for each datatype (for peers that do
+# not send raw contents, e.g. MLServer answers in typed fields).
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP16": "fp32_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+class TensorError(ValueError):
+    """Input that cannot be turned into (or read as) a tensor; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """Name, OIP datatype and shape of one tensor; -1 marks a variable dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TensorSpec":
+        datatype = str(d["datatype"]).upper()
+        if datatype not in DATATYPE_TO_DTYPE:
+            raise TensorError(f"unknown datatype {datatype!r} for tensor {d.get('name')!r}")
+        return cls(name=str(d["name"]), datatype=datatype, shape=tuple(int(x) for x in d["shape"]))
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """OIP datatype of a NumPy array (object and string arrays are BYTES)."""
+    if array.dtype.kind in ("O", "U", "S"):
+        return "BYTES"
+    try:
+        return _DTYPE_TO_DATATYPE[array.dtype]
+    except KeyError as exc:
+        raise TensorError(f"dtype {array.dtype} has no OIP datatype") from exc
+
+
+# --- BYTES serialisation -------------------------------------------------------
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if value is None:
+        return b""
+    return str(value).encode("utf-8")
+
+
+def encode_bytes(array: np.ndarray) -> bytes:
+    """Serialise a BYTES tensor (row-major) as length-prefixed elements."""
+    items = [_as_bytes(v) for v in array.reshape(-1)]
+    lengths = struct.pack(f"<{len(items)}I", *(len(b) for b in items))
+    # interleave: <len0><bytes0><len1><bytes1>...
+    parts: list[bytes] = []
+    for i, b in enumerate(items):
+        parts.append(lengths[4 * i : 4 * i + 4])
+        parts.append(b)
+    return b"".join(parts)
+
+
+def decode_bytes(raw: bytes, shape: Sequence[int]) -> np.ndarray:
+    """Read length-prefixed elements back into an object array of ``bytes``."""
+    count = int(np.prod(shape)) if len(shape) else 1
+    out = np.empty(count, dtype=object)
+    view = memoryview(raw)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(raw):
+            raise TensorError("BYTES tensor is shorter than its shape says")
+        (n,) = struct.unpack_from("<I", view, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise TensorError("BYTES element runs past the end of the tensor")
+        out[i] = bytes(view[pos : pos + n])
+        pos += n
+    if pos != len(raw):
+        raise TensorError("BYTES tensor is longer than its shape says")
+    return out.reshape(tuple(shape))
+
+
+# --- NumPy <-> raw bytes -------------------------------------------------------
+
+
+def to_raw(array: np.ndarray, datatype: str | None = None) -> tuple[str, bytes]:
+    """Array -> (OIP datatype, raw little-endian bytes)."""
+    datatype = datatype or datatype_of(array)
+    if datatype == "BYTES":
+        return datatype, encode_bytes(array)
+    dtype = DATATYPE_TO_DTYPE[datatype].newbyteorder("<")
+    return datatype, np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def from_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
+    """Raw bytes -> array of the given datatype and shape (zero-copy for numerics)."""
+    if datatype == "BYTES":
+        return decode_bytes(raw, shape)
+    try:
+        dtype = DATATYPE_TO_DTYPE[datatype].newbyteorder("<")
+    except KeyError as exc:
+        raise TensorError(f"unknown datatype {datatype!r}") from exc
+    expected = int(np.prod(shape)) * dtype.itemsize if len(shape) else dtype.itemsize
+    if len(raw) != expected:
+        raise TensorError(
+            f"{datatype} tensor of shape {list(shape)} needs {expected} bytes, got {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(shape))
+
+
+def from_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequence[int]) -> np.ndarray:
+    """Typed ``InferTensorContents`` -> array (for peers that do not send raw bytes)."""
+    field = _CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise TensorError(f"unknown datatype {datatype!r}")
+    values = getattr(contents, field)
+    if datatype == "BYTES":
+        arr = np.empty(len(values), dtype=object)
+        arr[:] = list(values)
+    else:
+        arr = np.asarray(values, dtype=DATATYPE_TO_DTYPE[datatype])
+    try:
+        return arr.reshape(tuple(shape))
+    except ValueError as exc:
+        raise TensorError(f"{len(values)} values do not fill shape {list(shape)}") from exc
+
+
+# --- requests and responses ------------------------------------------------------
+
+
+def request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """Decode every input of a ModelInferRequest, raw or typed, into arrays."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise TensorError("raw_input_contents must hold one entry per input")
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        if raw:
+            arrays[tensor.name] = from_raw(raw[i], tensor.datatype, tensor.shape)
+        else:
+            arrays[tensor.name] = from_contents(tensor.contents, tensor.datatype, tensor.shape)
+    return arrays
+
+
+def response_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """Decode every output of a ModelInferResponse, raw or typed, into arrays."""
+    raw = response.raw_output_contents
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(response.outputs):
+        if raw:
+            arrays[tensor.name] = from_raw(raw[i], tensor.datatype, tensor.shape)
+        else:
+            arrays[tensor.name] = from_contents(tensor.contents, tensor.datatype, tensor.shape)
+    return arrays
+
+
+def fill_response(
+    response: pb.ModelInferResponse,
+    outputs: Mapping[str, np.ndarray],
+    specs: Mapping[str, TensorSpec] | None = None,
+) -> pb.ModelInferResponse:
+    """Append ``outputs`` to a response as raw contents (datatype from spec or array)."""
+    for name, array in outputs.items():
+        spec = specs.get(name) if specs else None
+        datatype, raw = to_raw(array, spec.datatype if spec else None)
+        tensor = response.outputs.add()
+        tensor.name = name
+        tensor.datatype = datatype
+        tensor.shape.extend(array.shape)
+        response.raw_output_contents.append(raw)
+    return response
+
+
+def raw_outputs(response: pb.ModelInferResponse) -> dict[str, tuple[str, list[int], bytes]]:
+    """Each output as (datatype, shape, raw bytes), converting typed contents if needed.
+
+    This is the gateway's pass-through between stages: raw bytes are forwarded as
+    they came, without decoding them into arrays.
+    """
+    raw = response.raw_output_contents
+    out: dict[str, tuple[str, list[int], bytes]] = {}
+    for i, tensor in enumerate(response.outputs):
+        shape = list(tensor.shape)
+        if raw:
+            out[tensor.name] = (tensor.datatype, shape, raw[i])
+        else:
+            array = from_contents(tensor.contents, tensor.datatype, shape)
+            out[tensor.name] = (tensor.datatype, shape, to_raw(array, tensor.datatype)[1])
+    return out
+
+
+# --- JSON records <-> columns ---------------------------------------------------
+
+
+def records_to_arrays(records: Sequence[Mapping[str, Any]], specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """Columns named by ``specs`` taken from JSON records, typed by each spec.
+
+    A spec of shape ``[-1]`` takes a scalar per record; ``[-1, k]`` a list of k per
+    record. A missing field or a value of the wrong type raises TensorError naming it.
+    """
+    if not records:
+        raise TensorError("no records: send a non-empty list of JSON objects")
+    arrays: dict[str, np.ndarray] = {}
+    for spec in specs:
+        try:
+            column = [record[spec.name] for record in records]
+        except KeyError:
+            raise TensorError(f"field {spec.name!r} is missing from a record") from None
+        except TypeError:
+            raise TensorError("each record must be a JSON object") from None
+        arrays[spec.name] = _column_array(column, spec)
+    return arrays
+
+
+def _column_array(column: list[Any], spec: TensorSpec) -> np.ndarray:
+    if spec.datatype == "BYTES":
+        arr = np.empty(len(column), dtype=object)
+        for i, value in enumerate(column):
+            if isinstance(value, (dict, list)):
+                raise TensorError(f"field {spec.name!r} must be a string, got {type(value).__name__}")
+            arr[i] = _as_bytes(value)
+        return arr
+    dtype = DATATYPE_TO_DTYPE[spec.datatype]
+    try:
+        arr = np.asarray(column, dtype=dtype)
+    except (TypeError, ValueError):
+        raise TensorError(f"field {spec.name!r} must hold {spec.datatype} values") from None
+    if any(isinstance(v, str) for v in column[:1]):
+        raise TensorError(f"field {spec.name!r} must hold {spec.datatype} values, got strings")
+    expected_rank = max(len(spec.shape), 1)
+    if arr.ndim != expected_rank:
+        raise TensorError(f"field {spec.name!r} must have shape {list(spec.shape)}, got rank {arr.ndim}")
+    for got, want in zip(arr.shape[1:], spec.shape[1:]):
+        if want != -1 and got != want:
+            raise TensorError(f"field {spec.name!r} must have shape {list(spec.shape)}, got {list(arr.shape)}")
+    return arr
+
+
+def arrays_to_records(arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Row-wise records from batch-major arrays; BYTES become UTF-8 strings."""
+    columns: dict[str, list[Any]] = {}
+    n = None
+    for name, array in arrays.items():
+        if array.ndim == 0:
+            array = array.reshape(1)
+        if array.dtype == object:
+            values = [_to_text(v) for v in array.reshape(-1)]
+            if array.ndim > 1:
+                values = np.asarray(values, dtype=object).reshape(array.shape).tolist()
+        else:
+            values = array.tolist()
+        columns[name] = values
+        n = len(values) if n is None else min(n, len(values))
+    names = list(columns)
+    return [{name: columns[name][i] for name in names} for i in range(n or 0)]
+
+
+def _to_text(value: Any) -> Any:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value.hex()
+    return value
