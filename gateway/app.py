@@ -22,7 +22,7 @@ from sluice.limits import BodyLimitMiddleware
 def create(settings: GatewaySettings) -> tuple[FastAPI, grpc.aio.Server | None]:
     """Build the gateway; call from inside the running event loop (the channel binds to it)."""
     table = PipelineTable()
-    executor = Executor(settings.egress, settings.max_message_bytes)
+    executor = Executor(table, settings.egress, settings.max_message_bytes)
 
     grpc_server = None
     if settings.grpc_port:

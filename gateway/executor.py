@@ -12,7 +12,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from gateway.pipelines import CompiledPipeline, CompiledStage
+from gateway.pipelines import CompiledPipeline, CompiledStage, PipelineTable
 from sluice.tensors import TensorError, raw_outputs
 
 RawTensor = tuple[str, list[int], bytes]  # (datatype, shape, raw bytes)
@@ -38,7 +38,8 @@ class StageFailed(Exception):
 
 
 class Executor:
-    def __init__(self, egress: str, max_message_bytes: int):
+    def __init__(self, table: PipelineTable, egress: str, max_message_bytes: int):
+        self.table = table
         self.channel = grpc.aio.insecure_channel(
             egress,
             options=[
@@ -55,8 +56,12 @@ class Executor:
 
     async def run(self, pipeline: CompiledPipeline, inputs: dict[str, RawTensor], extra_metadata: tuple = ()) -> dict[str, RawTensor]:
         current = inputs
-        for stage in pipeline.stages:
-            current = await self._call(stage, current, extra_metadata)
+        self.table.enter(pipeline)
+        try:
+            for stage in pipeline.stages:
+                current = await self._call(stage, current, extra_metadata)
+        finally:
+            self.table.leave(pipeline)
         return current
 
     async def _call(self, stage: CompiledStage, current: dict[str, RawTensor], extra_metadata: tuple) -> dict[str, RawTensor]:

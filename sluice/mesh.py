@@ -116,7 +116,9 @@ class LocalMesh:
         self.supervisor.stop(self.procs.pop("manager"))
 
     def restart_manager(self) -> None:
-        self.stop_manager()
+        """Start the manager process again (stopping it first if it runs); state comes from its store."""
+        if "manager" in self.procs:
+            self.stop_manager()
         proc = self._python("manager", "manager", self._manager_env())
         wait_until(http_ok(f"{self.manager_url}/healthz"), self.timeout_s, "the restarted manager", proc)
 

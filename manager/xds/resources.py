@@ -43,6 +43,7 @@ PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 
 ROUTE_HEADER = "x-sluice-route"
 EGRESS_ROUTES = "egress"
+INGRESS_ROUTES = "ingress"
 ZIPKIN_CLUSTER = "zipkin"
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -225,7 +226,11 @@ def _listener(name: str, address: str, port: int, hcm: dict[str, Any]) -> Messag
     )
 
 
-def _ingress(node: NodeInfo, state: MeshState) -> tuple[Message, list[Message]]:
+def _rds(name: str) -> dict[str, Any]:
+    return {"rds": {"route_config_name": name, "config_source": {"ads": {}, "resource_api_version": "V3"}}}
+
+
+def _ingress(node: NodeInfo, state: MeshState) -> tuple[Message, Message, list[Message]]:
     local = f"local.{node.service}"
     clusters = [_static_cluster(local, node.service_port, h2=node.protocol == "grpc")]
     routes: list[dict[str, Any]] = []
@@ -239,9 +244,12 @@ def _ingress(node: NodeInfo, state: MeshState) -> tuple[Message, list[Message]]:
             }
         )
     routes.append({"match": {"prefix": "/"}, "route": {"cluster": local, "timeout": "0s"}})
-    route_config = {"route_config": {"name": "ingress", "virtual_hosts": [{"name": "local", "domains": ["*"], "routes": routes}]}}
-    listener = _listener("ingress", state.listener_address, node.ingress_port, _hcm("ingress", route_config, _tracing(state, node, "ingress")))
-    return listener, clusters
+    route_config = _parse(
+        route_pb2.RouteConfiguration,
+        {"name": INGRESS_ROUTES, "virtual_hosts": [{"name": "local", "domains": ["*"], "routes": routes}]},
+    )
+    hcm = _hcm("ingress", _rds(INGRESS_ROUTES), _tracing(state, node, "ingress"))
+    return _listener("ingress", state.listener_address, node.ingress_port, hcm), route_config, clusters
 
 
 def _egress_routes(state: MeshState) -> Message:
@@ -278,13 +286,13 @@ def _egress_routes(state: MeshState) -> Message:
 
 def build_resources(node: NodeInfo, state: MeshState) -> dict[str, list[Message]]:
     """All xDS resources for one sidecar, by type URL."""
-    listener, clusters = _ingress(node, state)
+    listener, ingress_routes, clusters = _ingress(node, state)
     listeners = [listener]
-    route_configs: list[Message] = []
+    route_configs: list[Message] = [ingress_routes]
     assignments: list[Message] = []
     if node.role == "gateway" and node.egress_port:
-        rds = {"rds": {"route_config_name": EGRESS_ROUTES, "config_source": {"ads": {}, "resource_api_version": "V3"}}}
-        listeners.append(_listener("egress", "127.0.0.1", node.egress_port, _hcm("egress", rds, _tracing(state, node, "egress"))))
+        hcm = _hcm("egress", _rds(EGRESS_ROUTES), _tracing(state, node, "egress"))
+        listeners.append(_listener("egress", "127.0.0.1", node.egress_port, hcm))
         route_configs.append(_egress_routes(state))
         endpoints = dict(state.endpoints)
         for runtime in sorted(state.runtimes):
