@@ -88,7 +88,7 @@ def datatype_of(array: np.ndarray) -> str:
     if array.dtype.kind in ("O", "U", "S"):
         return "BYTES"
     try:
-        return _DTYPE_TO_DATATYPE[array.dtype]
+        return _DTYPE_TO_DATATYPE[array.dtype.newbyteorder("=")]
     except KeyError as exc:
         raise TensorError(f"dtype {array.dtype} has no OIP datatype") from exc
 
@@ -150,8 +150,14 @@ def to_raw(array: np.ndarray, datatype: str | None = None) -> tuple[str, bytes]:
     return datatype, np.ascontiguousarray(array, dtype=dtype).tobytes()
 
 
+def _check_shape(shape: Sequence[int]) -> None:
+    if any(d < 0 for d in shape):
+        raise TensorError(f"shape {list(shape)} has a negative dimension")
+
+
 def from_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
     """Raw bytes -> array of the given datatype and shape (zero-copy for numerics)."""
+    _check_shape(shape)
     if datatype == "BYTES":
         return decode_bytes(raw, shape)
     try:
@@ -168,6 +174,7 @@ def from_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
 
 def from_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequence[int]) -> np.ndarray:
     """Typed ``InferTensorContents`` -> array (for peers that do not send raw bytes)."""
+    _check_shape(shape)
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
         raise TensorError(f"unknown datatype {datatype!r}")
@@ -203,6 +210,8 @@ def request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
 def response_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     """Decode every output of a ModelInferResponse, raw or typed, into arrays."""
     raw = response.raw_output_contents
+    if raw and len(raw) != len(response.outputs):
+        raise TensorError("raw_output_contents must hold one entry per output")
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(response.outputs):
         if raw:
@@ -236,6 +245,8 @@ def raw_outputs(response: pb.ModelInferResponse) -> dict[str, tuple[str, list[in
     they came, without decoding them into arrays.
     """
     raw = response.raw_output_contents
+    if raw and len(raw) != len(response.outputs):
+        raise TensorError("raw_output_contents must hold one entry per output")
     out: dict[str, tuple[str, list[int], bytes]] = {}
     for i, tensor in enumerate(response.outputs):
         shape = list(tensor.shape)
@@ -281,9 +292,9 @@ def _column_array(column: list[Any], spec: TensorSpec) -> np.ndarray:
     dtype = DATATYPE_TO_DTYPE[spec.datatype]
     try:
         arr = np.asarray(column, dtype=dtype)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise TensorError(f"field {spec.name!r} must hold {spec.datatype} values") from None
-    if any(isinstance(v, str) for v in column[:1]):
+    if _has_text(column):
         raise TensorError(f"field {spec.name!r} must hold {spec.datatype} values, got strings")
     expected_rank = max(len(spec.shape), 1)
     if arr.ndim != expected_rank:
@@ -292,6 +303,11 @@ def _column_array(column: list[Any], spec: TensorSpec) -> np.ndarray:
         if want != -1 and got != want:
             raise TensorError(f"field {spec.name!r} must have shape {list(spec.shape)}, got {list(arr.shape)}")
     return arr
+
+
+def _has_text(values: list[Any]) -> bool:
+    """Whether any value, at any list depth, is a string (NumPy would parse it as a number)."""
+    return any(isinstance(v, (str, bytes)) or (isinstance(v, list) and _has_text(v)) for v in values)
 
 
 def arrays_to_records(arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:

@@ -186,7 +186,8 @@ def _tracing(state: MeshState, node: NodeInfo, direction: str) -> dict[str, Any]
                 "collector_endpoint_version": "HTTP_JSON",
                 "shared_span_context": False,
                 "trace_id_128bit": True,
-                "collector_service": f"{node.service}-sidecar",
+                # Envoy names its spans after the bootstrap's node.cluster; ``collector_service``
+                # is not a span name but an HttpService (where to send spans), so it stays unset.
             },
         },
         "random_sampling": {"value": state.trace_sample_percent},

@@ -1,0 +1,313 @@
+"""manager.resolve + manager.schemas: pipeline definitions checked against model signatures."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from manager.resolve import resolve, route_key
+from manager.schemas import PipelineSpec, StageSpec, parse_chain_entry
+from manager.store import RuntimeRow
+from sluice.errors import ApiError
+
+SCIKIT = "serving-customscikit"
+SPARK = "serving-localml-spark"
+DEFAULT_TIMEOUT = 3000
+
+
+def _t(name: str, datatype: str, *shape: int) -> dict:
+    return {"name": name, "datatype": datatype, "shape": list(shape)}
+
+
+def _model(inputs: list[dict], outputs: list[dict], versions: list[str] | None = None) -> dict:
+    return {"versions": versions if versions is not None else ["1"], "platform": "test", "inputs": inputs, "outputs": outputs}
+
+
+RUNTIMES = {
+    SCIKIT: RuntimeRow(
+        SCIKIT,
+        "oip",
+        {
+            "pm_scikit": _model([_t("features", "FP32", -1, 4)], [_t("scaled", "FP32", -1, 4)], ["1", "2"]),
+            "unversioned": _model([_t("features", "FP32", -1, 4)], [_t("scaled", "FP32", -1, 4)], []),
+            "two_out": _model(
+                [_t("features", "FP32", -1, 4)], [_t("scaled", "FP32", -1, 4), _t("norm", "FP32", -1)]
+            ),
+            "any_shape": _model([_t("features", "FP32", -1, 4)], [_t("scaled", "FP32", -1, -1)]),
+        },
+    ),
+    SPARK: RuntimeRow(
+        SPARK,
+        "oip",
+        {
+            "pm_spark": _model(
+                [_t("scaled", "FP32", -1, 4)], [_t("label", "INT64", -1), _t("proba", "FP32", -1, 3)]
+            ),
+            "positional": _model([_t("x", "FP32", -1, 4)], [_t("y", "INT64", -1)]),
+            "wants_int": _model([_t("scaled", "INT64", -1, 4)], [_t("y", "INT64", -1)]),
+            "wants_3": _model([_t("scaled", "FP32", -1, 3)], [_t("y", "INT64", -1)]),
+            "any_in": _model([_t("scaled", "FP32", -1, -1)], [_t("y", "INT64", -1)]),
+            "wants_rank1": _model([_t("scaled", "FP32", -1)], [_t("y", "INT64", -1)]),
+            "two_in": _model([_t("a", "FP32", -1, 4), _t("b", "FP32", -1)], [_t("y", "INT64", -1)]),
+        },
+    ),
+}
+
+
+def _resolve(body: dict, revision: int = 1) -> list[dict]:
+    return resolve(PipelineSpec.model_validate(body), revision, RUNTIMES, DEFAULT_TIMEOUT)
+
+
+def _refused(body: dict) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        _resolve(body)
+    assert info.value.status == 422
+    return info.value
+
+
+SEED = {"name": "endpointML", "transportType": "http", "chain": [f"{SCIKIT}/pm_scikit", f"{SPARK}/pm_spark"]}
+
+
+# --- resolution ---------------------------------------------------------------------
+
+
+def test_seed_chain_resolves() -> None:
+    stages = _resolve(SEED, revision=3)
+    assert [s["name"] for s in stages] == [f"{SCIKIT}/pm_scikit", f"{SPARK}/pm_spark"]
+    assert [s["route"] for s in stages] == ["endpointML.r3.s0", "endpointML.r3.s1"]
+    assert [s["timeout_ms"] for s in stages] == [DEFAULT_TIMEOUT, DEFAULT_TIMEOUT]
+    assert stages[0]["bindings"] == {}
+    assert stages[1]["bindings"] == {"scaled": "scaled"}
+    assert stages[1]["inputs"] == [_t("scaled", "FP32", -1, 4)]
+    assert [o["name"] for o in stages[1]["outputs"]] == ["label", "proba"]
+    assert stages[0]["version"] is None
+
+
+def test_chain_and_stages_forms_resolve_identically() -> None:
+    stages_form = {
+        "name": "endpointML",
+        "stages": [{"runtime": SCIKIT, "model": "pm_scikit"}, {"runtime": SPARK, "model": "pm_spark"}],
+    }
+    assert _resolve(SEED) == _resolve(stages_form)
+    with_version = {"name": "p", "chain": [f"{SCIKIT}/pm_scikit:2"]}
+    assert _resolve(with_version) == _resolve({"name": "p", "stages": [{"runtime": SCIKIT, "model": "pm_scikit", "version": "2"}]})
+
+
+def test_route_key() -> None:
+    assert route_key("endpointML", 12, 0) == "endpointML.r12.s0"
+
+
+def test_chain_entry_with_version() -> None:
+    (stage,) = _resolve({"name": "p", "chain": [f"{SCIKIT}/pm_scikit:2"]})
+    assert stage["version"] == "2"
+    assert stage["name"] == f"{SCIKIT}/pm_scikit:2"
+
+
+def test_stage_name_and_timeout_override() -> None:
+    stages = _resolve(
+        {
+            "name": "p",
+            "stages": [
+                {"runtime": SCIKIT, "model": "pm_scikit", "name": "scale", "timeout_ms": 250},
+                {"runtime": SPARK, "model": "pm_spark"},
+            ],
+        }
+    )
+    assert stages[0]["name"] == "scale" and stages[0]["timeout_ms"] == 250
+    assert stages[1]["timeout_ms"] == DEFAULT_TIMEOUT
+
+
+def test_unknown_runtime() -> None:
+    err = _refused({"name": "p", "chain": [f"{SCIKIT}/pm_scikit", "nope/pm_spark"]})
+    assert err.code == "unknown_runtime"
+    assert "stage 1 (nope/pm_spark): unknown runtime 'nope'" in err.message
+    assert err.details == {"stage": 1, "runtime": "nope", "known": sorted(RUNTIMES)}
+
+
+def test_unknown_model() -> None:
+    err = _refused({"name": "p", "chain": [f"{SCIKIT}/missing"]})
+    assert err.code == "unknown_model"
+    assert f"stage 0 ({SCIKIT}/missing): runtime '{SCIKIT}' serves no model 'missing'" in err.message
+    assert err.details["stage"] == 0
+    assert err.details["runtime"] == SCIKIT
+    assert err.details["model"] == "missing"
+    assert err.details["known"] == sorted(RUNTIMES[SCIKIT].models)
+
+
+def test_unknown_version() -> None:
+    err = _refused({"name": "p", "chain": [f"{SCIKIT}/pm_scikit:7"]})
+    assert err.code == "unknown_version"
+    assert "model 'pm_scikit' has no version '7'" in err.message
+    assert err.details == {"stage": 0, "model": "pm_scikit", "versions": ["1", "2"]}
+
+
+def test_any_version_accepted_when_the_model_lists_none() -> None:
+    (stage,) = _resolve({"name": "p", "chain": [f"{SCIKIT}/unversioned:9"]})
+    assert stage["version"] == "9"
+
+
+@pytest.mark.parametrize(
+    "model, tensor, why",
+    [
+        ("wants_int", "scaled", "input 'scaled' wants INT64, output 'scaled' gives FP32"),
+        ("wants_3", "scaled", "input 'scaled' wants shape [-1, 3], output 'scaled' gives [-1, 4]"),
+        ("wants_rank1", "scaled", "input 'scaled' wants shape [-1], output 'scaled' gives [-1, 4]"),
+        ("two_in", "a", "no output of stage 0 (" + SCIKIT + "/pm_scikit) feeds input 'a'; its outputs are ['scaled']"),
+    ],
+)
+def test_signature_mismatch_names_stage_and_tensor(model: str, tensor: str, why: str) -> None:
+    err = _refused({"name": "p", "chain": [f"{SCIKIT}/pm_scikit", f"{SPARK}/{model}"]})
+    assert err.code == "signature_mismatch"
+    assert err.message == f"stage 1 ({SPARK}/{model}): {why}"
+    assert err.details == {"stage": 1, "tensor": tensor}
+
+
+def test_signature_mismatch_uses_the_stage_name() -> None:
+    err = _refused(
+        {
+            "name": "p",
+            "stages": [{"runtime": SCIKIT, "model": "pm_scikit"}, {"runtime": SPARK, "model": "wants_int", "name": "classify"}],
+        }
+    )
+    assert err.message.startswith("stage 1 (classify): ")
+
+
+def test_variable_dimensions_are_compatible() -> None:
+    stages = _resolve({"name": "p", "chain": [f"{SCIKIT}/any_shape", f"{SPARK}/pm_spark"]})
+    assert stages[1]["bindings"] == {"scaled": "scaled"}
+    # and the other way round: a fixed output feeds a variable input
+    stages = _resolve({"name": "p", "chain": [f"{SCIKIT}/pm_scikit", f"{SPARK}/any_in"]})
+    assert stages[1]["bindings"] == {"scaled": "scaled"}
+
+
+def test_single_input_single_output_binds_by_position() -> None:
+    stages = _resolve({"name": "p", "chain": [f"{SCIKIT}/pm_scikit", f"{SPARK}/positional"]})
+    assert stages[1]["bindings"] == {"x": "scaled"}
+
+
+def test_positional_binding_needs_a_single_output() -> None:
+    err = _refused({"name": "p", "chain": [f"{SCIKIT}/two_out", f"{SPARK}/positional"]})
+    assert err.details == {"stage": 1, "tensor": "x"}
+    assert "its outputs are ['norm', 'scaled']" in err.message
+
+
+def _explicit(first: str, second: str, inputs: dict[str, str]) -> dict:
+    """A two-stage pipeline whose second stage binds its inputs explicitly."""
+    return {
+        "name": "p",
+        "stages": [{"runtime": SCIKIT, "model": first}, {"runtime": SPARK, "model": second, "inputs": inputs}],
+    }
+
+
+def test_explicit_bindings() -> None:
+    stages = _resolve(_explicit("two_out", "two_in", {"a": "scaled", "b": "norm"}))
+    assert stages[1]["bindings"] == {"a": "scaled", "b": "norm"}
+
+
+def test_explicit_binding_is_still_type_checked() -> None:
+    err = _refused(_explicit("two_out", "two_in", {"a": "norm", "b": "scaled"}))
+    assert err.details == {"stage": 1, "tensor": "a"}
+    assert "input 'a' wants shape [-1, 4], output 'norm' gives [-1]" in err.message
+
+
+def test_explicit_binding_to_a_missing_output() -> None:
+    err = _refused(_explicit("pm_scikit", "pm_spark", {"scaled": "nope"}))
+    assert err.message == f"stage 1 ({SPARK}/pm_spark): stage 0 has no output 'nope'"
+    assert err.details == {"stage": 1, "tensor": "scaled"}
+
+
+def test_explicit_binding_for_an_unknown_input() -> None:
+    err = _refused(_explicit("pm_scikit", "pm_spark", {"zzz": "scaled", "bogus": "scaled"}))
+    assert err.message == f"stage 1 ({SPARK}/pm_spark): the stage has no input 'bogus'"
+    assert err.details == {"stage": 1, "tensor": "bogus"}
+
+
+def test_the_first_error_stops_at_its_stage() -> None:
+    err = _refused({"name": "p", "chain": [f"{SCIKIT}/pm_scikit", f"{SPARK}/wants_3", "nope/x"]})
+    assert err.details["stage"] == 1
+
+
+# --- schemas -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "entry, expected",
+    [
+        ("rt/model", ("rt", "model", None)),
+        ("rt/model:3", ("rt", "model", "3")),
+        ("serving-localml-spark/pm_spark:v1.2-rc_1", ("serving-localml-spark", "pm_spark", "v1.2-rc_1")),
+        ("a.b/c.d", ("a.b", "c.d", None)),
+    ],
+)
+def test_parse_chain_entry(entry: str, expected: tuple) -> None:
+    stage = parse_chain_entry(entry)
+    assert (stage.runtime, stage.model, stage.version) == expected
+
+
+@pytest.mark.parametrize("entry", ["rt", "rt/", "/model", "rt/model:", "rt/m/x", "rt/m:a:b", "-rt/m", "rt/m o", ""])
+def test_parse_chain_entry_refuses(entry: str) -> None:
+    with pytest.raises(ValueError, match="must look like '<runtime>/<model>\\[:<version>\\]'"):
+        parse_chain_entry(entry)
+
+
+def test_stage_label() -> None:
+    assert StageSpec(runtime="r", model="m").label == "r/m"
+    assert StageSpec(runtime="r", model="m", version="2").label == "r/m:2"
+    assert StageSpec(runtime="r", model="m", name="nice").label == "nice"
+
+
+def test_seed_form_keeps_its_shape() -> None:
+    spec = PipelineSpec.model_validate(SEED)
+    assert spec.model_dump(exclude_none=True) == SEED
+    assert spec.transportType == "http"
+    assert PipelineSpec.model_validate({"name": "p", "chain": ["r/m"]}).transportType == "http"
+
+
+def _invalid(body: dict) -> str:
+    with pytest.raises(ValidationError) as info:
+        PipelineSpec.model_validate(body)
+    return str(info.value)
+
+
+def test_exactly_one_of_chain_or_stages() -> None:
+    assert "give exactly one of 'chain' or 'stages'" in _invalid({"name": "p"})
+    both = {"name": "p", "chain": ["r/m"], "stages": [{"runtime": "r", "model": "m"}]}
+    assert "give exactly one of 'chain' or 'stages'" in _invalid(both)
+
+
+def test_empty_chain_or_stages() -> None:
+    assert "chain" in _invalid({"name": "p", "chain": []})
+    assert "stages" in _invalid({"name": "p", "stages": []})
+
+
+def test_malformed_chain_entry_is_refused_at_validation() -> None:
+    assert "chain entry 'runtime-only' must look like" in _invalid({"name": "p", "chain": ["r/m", "runtime-only"]})
+
+
+@pytest.mark.parametrize("name", ["", "-lead", "_lead", "has space", "dot.ted", "slash/ed", "x" * 64, "ü"])
+def test_bad_pipeline_names(name: str) -> None:
+    assert "name" in _invalid({"name": name, "chain": ["r/m"]})
+
+
+@pytest.mark.parametrize("name", ["a", "A1", "end_point-ML", "x" * 63])
+def test_good_pipeline_names(name: str) -> None:
+    assert PipelineSpec.model_validate({"name": name, "chain": ["r/m"]}).name == name
+
+
+@pytest.mark.parametrize(
+    "body, where",
+    [
+        ({"name": "p", "transportType": "tcp", "chain": ["r/m"]}, "transportType"),
+        ({"name": "p", "chain": ["r/m"], "extra": 1}, "extra"),
+        ({"name": "p", "stages": [{"runtime": "r", "model": "m", "extra": 1}]}, "extra"),
+        ({"name": "p", "stages": [{"runtime": "-r", "model": "m"}]}, "runtime"),
+        ({"name": "p", "stages": [{"runtime": "r", "model": "m/x"}]}, "model"),
+        ({"name": "p", "stages": [{"runtime": "r", "model": "m", "version": "1 2"}]}, "version"),
+        ({"name": "p", "stages": [{"runtime": "r", "model": "m", "timeout_ms": 0}]}, "timeout_ms"),
+        ({"name": "p", "stages": [{"runtime": "r", "model": "m", "timeout_ms": 600_001}]}, "timeout_ms"),
+        ({"name": "p", "stages": [{"model": "m"}]}, "runtime"),
+        ({"name": "p", "chain": ["r/m"] * 65}, "chain"),
+    ],
+)
+def test_schema_errors_name_the_field(body: dict, where: str) -> None:
+    assert where in _invalid(body)
