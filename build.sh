@@ -36,6 +36,22 @@ generate_protos() {
   : >sluice/v1/__init__.py
 }
 
+fetch_zipkin() {
+  # The real Zipkin server for tracing (sluice up, tests): the exec jar from Maven Central.
+  local version jar=.sluice/zipkin/zipkin-server-exec.jar
+  version=$("$PY" -c 'from sluice.zipkin import VERSION; print(VERSION)')
+  if [ -f "$jar" ] && [ "$(cat .sluice/zipkin/VERSION 2>/dev/null)" = "$version" ]; then return; fi
+  if ! command -v mvn >/dev/null || ! command -v java >/dev/null; then
+    echo "    (no java/mvn: tracing stays off; Zipkin is not fetched)"
+    return
+  fi
+  step "fetching zipkin-server $version (Maven Central)"
+  mkdir -p .sluice/zipkin
+  mvn -q -B dependency:copy -Dartifact="io.zipkin:zipkin-server:$version:jar:exec" \
+    -DoutputDirectory=.sluice/zipkin -Dmdep.stripVersion=true
+  echo "$version" >.sluice/zipkin/VERSION
+}
+
 train_models() {
   step "training the example models (deterministic)"
   "$PY" -m models.build
@@ -43,6 +59,7 @@ train_models() {
 
 install_project
 generate_protos
+fetch_zipkin
 train_models
 
 case "${1:-}" in

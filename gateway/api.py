@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Request
+from opentelemetry import trace
 from starlette.responses import Response
 
+from gateway import metrics
 from gateway.codec import decode_outputs, encode_inputs, parse_records
 from gateway.executor import StageFailed
 from sluice.errors import ApiError, error_response
@@ -14,10 +18,29 @@ router = APIRouter()
 
 
 async def _serve(pipeline_name: str, request: Request) -> Response:
+    started = time.perf_counter()
     state = request.app.state
     pipeline = state.table.get(pipeline_name)
     if pipeline is None:
+        metrics.requests("(unknown)", 404).inc()
         raise ApiError(404, f"no pipeline {pipeline_name!r}", "not_found", pipeline=pipeline_name)
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("sluice.pipeline", pipeline.name)
+        span.set_attribute("sluice.revision", pipeline.revision)
+    try:
+        response = await _run(pipeline, request)
+    except ApiError as exc:
+        metrics.requests(pipeline.name, exc.status).inc()
+        raise
+    metrics.requests(pipeline.name, response.status_code).inc()
+    metrics.request_seconds(pipeline.name).observe(time.perf_counter() - started)
+    return response
+
+
+async def _run(pipeline, request: Request) -> Response:
+    state = request.app.state
+    pipeline_name = pipeline.name
     body = await request.body()
     try:
         records, single = parse_records(body)

@@ -17,12 +17,15 @@ from gateway.pipelines import PipelineTable, watch_pipelines
 from gateway.settings import GatewaySettings
 from sluice.errors import error_response, install_error_handlers
 from sluice.limits import BodyLimitMiddleware
+from sluice.metrics import mount_metrics
+from sluice.tracing import TracingMiddleware, Tracing
 
 
-def create(settings: GatewaySettings) -> tuple[FastAPI, grpc.aio.Server | None]:
+def create(settings: GatewaySettings, tracing: Tracing | None = None) -> tuple[FastAPI, grpc.aio.Server | None]:
     """Build the gateway; call from inside the running event loop (the channel binds to it)."""
+    tracing = tracing or Tracing("gateway", None)
     table = PipelineTable()
-    executor = Executor(table, settings.egress, settings.max_message_bytes)
+    executor = Executor(table, settings.egress, settings.max_message_bytes, tracing)
 
     grpc_server = None
     if settings.grpc_port:
@@ -62,5 +65,7 @@ def create(settings: GatewaySettings) -> tuple[FastAPI, grpc.aio.Server | None]:
             return error_response(503, "no pipeline set received from the manager yet")
         return {"status": "ready", "pipelines": len(table.pipelines), "version": table.version}
 
+    mount_metrics(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(TracingMiddleware, tracing=tracing)
     return app, grpc_server

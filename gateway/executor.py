@@ -8,14 +8,26 @@ stage's input bytes as they are, never decoded or re-encoded in Python.
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import grpc
+from opentelemetry import trace
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from gateway import metrics
 from gateway.pipelines import CompiledPipeline, CompiledStage, PipelineTable
 from sluice.tensors import TensorError, raw_outputs
+from sluice.tracing import Tracing
 
 RawTensor = tuple[str, list[int], bytes]  # (datatype, shape, raw bytes)
+
+# Envoy acknowledges a route update on its main thread a moment before its worker
+# threads hold it. A call in that window meets the fallback route (it reached no
+# runtime), so it is retried a few times with a short back-off: at most ~60 ms.
+UNROUTED = "sluice: no route for this stage"
+UNROUTED_RETRIES = 5
 
 # gRPC status -> (HTTP status, error code) for a failed stage
 _STATUS = {
@@ -38,8 +50,9 @@ class StageFailed(Exception):
 
 
 class Executor:
-    def __init__(self, table: PipelineTable, egress: str, max_message_bytes: int):
+    def __init__(self, table: PipelineTable, egress: str, max_message_bytes: int, tracing: Tracing | None = None):
         self.table = table
+        self.tracing = tracing or Tracing("gateway", None)
         self.channel = grpc.aio.insecure_channel(
             egress,
             options=[
@@ -54,17 +67,58 @@ class Executor:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def run(self, pipeline: CompiledPipeline, inputs: dict[str, RawTensor], extra_metadata: tuple = ()) -> dict[str, RawTensor]:
+    async def run(self, pipeline: CompiledPipeline, inputs: dict[str, RawTensor]) -> dict[str, RawTensor]:
         current = inputs
         self.table.enter(pipeline)
         try:
             for stage in pipeline.stages:
-                current = await self._call(stage, current, extra_metadata)
+                started = time.perf_counter()
+                try:
+                    if self.tracing.enabled:
+                        current = await self._traced_call(pipeline, stage, current)
+                    else:
+                        current = await self._call(stage, current, stage.metadata)
+                except StageFailed as exc:
+                    metrics.STAGE_ERRORS.labels(pipeline.name, str(stage.index), exc.code).inc()
+                    raise
+                finally:
+                    metrics.stage_seconds(pipeline.name, stage.index, stage.model).observe(time.perf_counter() - started)
         finally:
             self.table.leave(pipeline)
         return current
 
-    async def _call(self, stage: CompiledStage, current: dict[str, RawTensor], extra_metadata: tuple) -> dict[str, RawTensor]:
+    async def _traced_call(self, pipeline: CompiledPipeline, stage: CompiledStage, current: dict[str, RawTensor]) -> dict[str, RawTensor]:
+        attributes = {
+            "sluice.pipeline": pipeline.name,
+            "sluice.revision": pipeline.revision,
+            "sluice.stage": stage.index,
+            "sluice.stage_name": stage.name,
+            "sluice.model": stage.model,
+        }
+        with self.tracing.tracer.start_as_current_span(
+            f"stage {stage.index} {stage.model}", kind=trace.SpanKind.CLIENT, attributes=attributes
+        ) as span:
+            # the egress Envoy continues the trace from these B3 headers
+            metadata = stage.metadata + tuple(Tracing.inject({}).items())
+            try:
+                return await self._call(stage, current, metadata)
+            except StageFailed as exc:
+                span.set_status(trace.StatusCode.ERROR, exc.message)
+                span.set_attribute("sluice.error", exc.code)
+                raise
+
+    async def _infer(self, request: pb.ModelInferRequest, metadata: tuple, timeout_s: float) -> pb.ModelInferResponse:
+        for attempt in range(UNROUTED_RETRIES + 1):
+            try:
+                return await self.stub.ModelInfer(request, metadata=metadata, timeout=timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                unrouted = exc.code() == grpc.StatusCode.UNIMPLEMENTED and UNROUTED in (exc.details() or "")
+                if not unrouted or attempt == UNROUTED_RETRIES:
+                    raise
+                await asyncio.sleep(0.002 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _call(self, stage: CompiledStage, current: dict[str, RawTensor], metadata: tuple) -> dict[str, RawTensor]:
         request = pb.ModelInferRequest(model_name=stage.model, model_version=stage.version)
         for spec, source in zip(stage.inputs, stage.sources):
             try:
@@ -77,7 +131,7 @@ class Executor:
             tensor.shape.extend(shape)
             request.raw_input_contents.append(raw)
         try:
-            response = await self.stub.ModelInfer(request, metadata=stage.metadata + extra_metadata, timeout=stage.timeout_s)
+            response = await self._infer(request, metadata, stage.timeout_s)
         except grpc.aio.AioRpcError as exc:
             status, code = _STATUS.get(exc.code(), (502, "stage_failed"))
             details = exc.details() or exc.code().name

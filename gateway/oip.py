@@ -8,12 +8,14 @@ outputs, ModelInfer runs the chain.
 from __future__ import annotations
 
 import grpc
+from opentelemetry import trace
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gateway.executor import Executor, StageFailed
 from gateway.pipelines import PipelineTable
 from sluice.tensors import TensorError, from_contents
+from sluice.tracing import Tracing
 
 _HTTP_TO_GRPC = {
     422: grpc.StatusCode.INVALID_ARGUMENT,
@@ -51,6 +53,19 @@ class PipelineInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request, context):
+        tracing = self.executor.tracing
+        if not tracing.enabled:
+            return await self._infer(request, context)
+        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        with tracing.tracer.start_as_current_span(
+            f"infer pipeline {request.model_name}",
+            context=Tracing.extract(metadata),
+            kind=trace.SpanKind.SERVER,
+            attributes={"sluice.pipeline": request.model_name},
+        ):
+            return await self._infer(request, context)
+
+    async def _infer(self, request, context):
         pipeline = self.table.get(request.model_name)
         if pipeline is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no pipeline {request.model_name!r}")

@@ -9,6 +9,7 @@ from manager.settings import ManagerSettings
 from sluice.logs import setup_logging
 from sluice.serving import install_uvloop, serve
 from sluice.settings import CommonSettings
+from sluice.tracing import setup_tracing
 
 
 def main() -> None:
@@ -17,7 +18,7 @@ def main() -> None:
     install_uvloop()
 
     async def run() -> None:
-        app, grpc_server, _ = create(settings, common)
+        app, grpc_server, _ = create(settings, common, setup_tracing("manager", common))
         await serve(app, settings.host, settings.port, grpc_server=grpc_server)
 
     asyncio.run(run())

@@ -11,6 +11,7 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from fastapi import FastAPI
 
+from manager import metrics
 from manager.api import router
 from manager.control import ControlPlane
 from manager.registry.embedded import EmbeddedRegistry
@@ -19,6 +20,8 @@ from manager.store import Store
 from manager.xds.ads import AdsServicer
 from sluice.errors import install_error_handlers
 from sluice.limits import BodyLimitMiddleware
+from sluice.metrics import mount_metrics
+from sluice.tracing import Tracing, TracingMiddleware
 from sluice.settings import CommonSettings
 from sluice.v1 import pipeline_pb2_grpc
 
@@ -42,7 +45,7 @@ def zipkin_address(url: str) -> tuple[str, int] | None:
     return parsed.hostname or "127.0.0.1", parsed.port or 9411
 
 
-def create(settings: ManagerSettings, common: CommonSettings) -> tuple[FastAPI, grpc.aio.Server, ControlPlane]:
+def create(settings: ManagerSettings, common: CommonSettings, tracing: Tracing | None = None) -> tuple[FastAPI, grpc.aio.Server, ControlPlane]:
     store = Store(settings.db_path)
     control = ControlPlane(
         settings,
@@ -79,5 +82,8 @@ def create(settings: ManagerSettings, common: CommonSettings) -> tuple[FastAPI, 
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    metrics.register(control)
+    mount_metrics(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(TracingMiddleware, tracing=tracing or Tracing("manager", None))
     return app, server, control

@@ -13,6 +13,7 @@ from fastapi.responses import FileResponse
 from repository.catalog import Catalog, ModelEntry, PathRefused, sha256
 from repository.settings import RepositorySettings
 from sluice.errors import ApiError, install_error_handlers
+from sluice.metrics import mount_metrics
 
 
 def _entry(catalog: Catalog, model: str, version: str | None) -> tuple[ModelEntry, str]:
@@ -84,4 +85,5 @@ def create(settings: RepositorySettings, base_dir: Path | None = None) -> FastAP
             raise ApiError(404, f"model {model!r} version {version} has no file {file!r}", "not_found") from None
         return FileResponse(path, media_type="application/octet-stream")
 
+    mount_metrics(app)
     return app

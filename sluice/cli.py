@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sluice.mesh import LocalMesh, MeshPorts, default_runtimes, workdir_default
+from sluice.metrics import histogram_quantiles
 from sluice.procs import StartError
 
 app = typer.Typer(add_completion=False, help="Sluice: a pipeline-serving mesh for ML models.")
@@ -67,19 +68,28 @@ def _print_services(mesh: LocalMesh) -> None:
 
 
 @app.command()
-def status(manager: str = typer.Option("http://127.0.0.1:8080", help="manager URL")) -> None:
-    """Pipelines, their stages, and runtimes with their health."""
+def status(
+    manager: str = typer.Option("http://127.0.0.1:8080", help="manager URL"),
+    gateway: str = typer.Option("http://127.0.0.1:8083", help="gateway URL (for latency)"),
+) -> None:
+    """Pipelines, their stages and latency; runtimes with their health."""
     try:
         pipelines = httpx.get(f"{manager}/api/v1/pipelines", timeout=5).json()
         runtimes = httpx.get(f"{manager}/api/v1/runtimes", timeout=5).json()
     except httpx.HTTPError as exc:
         console.print(f"[red]cannot reach the manager at {manager}: {exc}[/red]")
         raise typer.Exit(1) from None
+    try:
+        latency = histogram_quantiles(httpx.get(f"{gateway}/metrics", timeout=5).text, "sluice_gateway_request_seconds", "pipeline")
+    except httpx.HTTPError:
+        latency = {}
     table = Table(title="pipelines")
-    for column in ("pipeline", "revision", "stages"):
+    for column in ("pipeline", "revision", "stages", "p50 ms", "p99 ms"):
         table.add_column(column)
     for p in pipelines:
-        table.add_row(p["name"], str(p["revision"]), " -> ".join(s["name"] for s in p["stages"]))
+        q = latency.get(p["name"])
+        p50, p99 = (f"{q[0.5] * 1000:.2f}", f"{q[0.99] * 1000:.2f}") if q else ("-", "-")
+        table.add_row(p["name"], str(p["revision"]), " -> ".join(s["name"] for s in p["stages"]), p50, p99)
     console.print(table)
     table = Table(title="runtimes")
     for column in ("runtime", "kind", "instances", "models"):

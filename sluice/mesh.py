@@ -15,8 +15,9 @@ from pathlib import Path
 
 import httpx
 
+from sluice import zipkin
 from sluice.envoy import Sidecar
-from sluice.procs import Proc, Supervisor, free_port, grpc_serving, http_ok, wait_until
+from sluice.procs import Proc, StartError, Supervisor, free_port, grpc_serving, http_ok, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,6 +29,7 @@ class RuntimeSpec:
     models: tuple[str, ...]
     public_port: int = 0  # the sidecar's ingress; 0: pick a free port
     local_port: int = 0
+    metrics_port: int = 0
     env: tuple[tuple[str, str], ...] = ()
 
 
@@ -55,6 +57,8 @@ class LocalMesh:
     ports: MeshPorts = field(default_factory=MeshPorts)
     env: dict[str, str] = field(default_factory=dict)
     timeout_s: float = 60.0
+    #: run the real Zipkin server on this port and trace everything; None: tracing off
+    zipkin_port: int | None = None
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -72,6 +76,10 @@ class LocalMesh:
         return f"http://127.0.0.1:{self.ports.gateway}"
 
     @property
+    def zipkin_url(self) -> str:
+        return f"http://127.0.0.1:{self.zipkin_port}" if self.zipkin_port else ""
+
+    @property
     def repository_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.repository}"
 
@@ -85,6 +93,8 @@ class LocalMesh:
     def start(self) -> "LocalMesh":
         self._admin_ports: dict[str, int] = {}
         try:
+            if self.zipkin_port:
+                self.start_zipkin()
             self.start_manager()
             self._start_service("repository", "repository", self.ports.repository, self.ports.repository_local, {
                 "SLUICE_REPOSITORY_PORT": str(self.ports.repository_local),
@@ -107,6 +117,19 @@ class LocalMesh:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def start_zipkin(self) -> None:
+        jar = zipkin.jar_path()
+        if jar is None or zipkin.java() is None:
+            raise StartError("tracing needs Java and the Zipkin jar (./build.sh fetches it)")
+        argv, env = zipkin.command(jar, self.zipkin_port)
+        proc = self.supervisor.start("zipkin", argv, env=env)
+        self.procs["zipkin"] = proc
+        self.env["SLUICE_ZIPKIN_URL"] = self.zipkin_url
+        wait_until(http_ok(f"{self.zipkin_url}/health"), max(self.timeout_s, 90), "Zipkin", proc, interval_s=0.2)
+
+    def stop_zipkin(self) -> None:
+        self.supervisor.stop(self.procs.pop("zipkin"))
 
     def start_manager(self) -> None:
         self._start_service("manager", "manager", self.ports.manager, self.ports.manager_local, self._manager_env())
@@ -132,14 +155,24 @@ class LocalMesh:
             "SLUICE_RUNTIME_REPOSITORY_URL": self.repository_url,
             "SLUICE_RUNTIME_MANAGER_URL": self.manager_url,
             "SLUICE_RUNTIME_CACHE_DIR": str(self.workdir / "cache" / spec.name),
+            "SLUICE_RUNTIME_METRICS_PORT": str(spec.metrics_port),
             **dict(spec.env),
         }
         key = f"runtime-{spec.name}"
         proc = self._python(key, f"runtimes.{spec.kind}", env)
         wait_until(grpc_serving(f"127.0.0.1:{spec.local_port}"), self.timeout_s, f"runtime {spec.name}", proc)
         if f"{key}-sidecar" not in self.procs:
-            self._sidecar(key, spec.name, "runtime", spec.public_port, spec.local_port, protocol="grpc")
+            self.front_runtime(spec.name, spec.local_port, spec.public_port)
         wait_until(self._registered(spec.name), self.timeout_s, f"runtime {spec.name} to register", proc)
+
+    def front_runtime(self, name: str, local_port: int, public_port: int = 0) -> int:
+        """Give the OIP gRPC server on ``local_port`` its Envoy sidecar, as a runtime's
+        container has one; returns the sidecar's public port. Also for servers this mesh
+        did not start (Triton, MLServer): they then register through the manager's API.
+        The sidecar is stopped with the mesh."""
+        public_port = public_port or free_port()
+        self._sidecar(f"runtime-{name}", name, "runtime", public_port, local_port, protocol="grpc")
+        return public_port
 
     def stop_runtime(self, name: str) -> None:
         """Kill a runtime's process (its sidecar stays, as a crashed container's would)."""
@@ -147,7 +180,12 @@ class LocalMesh:
 
     # --- internals
     def _with_ports(self, spec: RuntimeSpec) -> RuntimeSpec:
-        return replace(spec, public_port=spec.public_port or free_port(), local_port=spec.local_port or free_port())
+        return replace(
+            spec,
+            public_port=spec.public_port or free_port(),
+            local_port=spec.local_port or free_port(),
+            metrics_port=spec.metrics_port or free_port(),
+        )
 
     def _manager_env(self) -> dict[str, str]:
         return {

@@ -42,6 +42,8 @@ ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 
 ROUTE_HEADER = "x-sluice-route"
+#: the egress fallback route's answer: the call reached no runtime, so it is safe to retry
+UNROUTED = "sluice: no route for this stage"
 EGRESS_ROUTES = "egress"
 INGRESS_ROUTES = "ingress"
 ZIPKIN_CLUSTER = "zipkin"
@@ -113,7 +115,8 @@ class MeshState:
 
 
 def runtime_cluster(runtime: str) -> str:
-    return f"runtime.{runtime}"
+    # no dots: Envoy's stat tag extraction would split the name at them
+    return "runtime_" + runtime.replace(".", "_")
 
 
 def _parse(message: type[Message], d: dict[str, Any]) -> Message:
@@ -232,11 +235,11 @@ def _rds(name: str) -> dict[str, Any]:
 
 
 def _ingress(node: NodeInfo, state: MeshState) -> tuple[Message, Message, list[Message]]:
-    local = f"local.{node.service}"
+    local = "local_" + node.service.replace(".", "_")
     clusters = [_static_cluster(local, node.service_port, h2=node.protocol == "grpc")]
     routes: list[dict[str, Any]] = []
     if node.role == "gateway" and node.grpc_port:
-        local_grpc = f"local.{node.service}.grpc"
+        local_grpc = f"{local}_grpc"
         clusters.append(_static_cluster(local_grpc, node.grpc_port, h2=True))
         routes.append(
             {
@@ -276,7 +279,7 @@ def _egress_routes(state: MeshState) -> Message:
         {
             "name": "unknown-stage",
             "match": {"prefix": "/"},
-            "direct_response": {"status": 404, "body": {"inline_string": "no route for this stage"}},
+            "direct_response": {"status": 404, "body": {"inline_string": UNROUTED}},
         }
     )
     return _parse(

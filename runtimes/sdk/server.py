@@ -9,22 +9,27 @@ INVALID_ARGUMENT, a failing model INTERNAL with the model's message.
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
+from opentelemetry import trace
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from runtimes.sdk import metrics
 from runtimes.sdk.model import Model
 from sluice.tensors import TensorError, fill_response, request_inputs
+from sluice.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, name: str, kind: str, models: dict[str, Model]):
+    def __init__(self, name: str, kind: str, models: dict[str, Model], tracing: Tracing | None = None):
         self.name = name
         self.kind = kind
         self.models = models
+        self.tracing = tracing or Tracing(kind, None)
 
     def _model(self, name: str, version: str, context) -> Model | None:
         model = self.models.get(name)
@@ -65,6 +70,32 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request, context):
+        started = time.perf_counter()
+        status = "OK"
+        try:
+            if not self.tracing.enabled:
+                return await self._infer(request, context)
+            metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+            with self.tracing.tracer.start_as_current_span(
+                f"infer {request.model_name}",
+                context=Tracing.extract(metadata),
+                kind=trace.SpanKind.SERVER,
+                attributes={
+                    "sluice.runtime": self.name,
+                    "sluice.model": request.model_name,
+                    "sluice.pipeline": metadata.get("x-sluice-pipeline", ""),
+                    "sluice.stage": metadata.get("x-sluice-stage", ""),
+                },
+            ):
+                return await self._infer(request, context)
+        except BaseException:
+            status = getattr(context.code(), "name", "ERROR")  # the code context.abort() set
+            raise
+        finally:
+            metrics.inferences(request.model_name, status).inc()
+            metrics.inference_seconds(request.model_name).observe(time.perf_counter() - started)
+
+    async def _infer(self, request, context):
         model = self._model(request.model_name, request.model_version, context)
         if model is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"runtime {self.name!r} serves no model {request.model_name!r}")

@@ -24,6 +24,8 @@ class RuntimeSettings(BaseSettings):
     manager_url: str = "http://127.0.0.1:8080"
     cache_dir: str = ".sluice/cache"
     max_message_bytes: int = Field(64 << 20, gt=0)
+    #: Prometheus /metrics over HTTP on this port; 0: off
+    metrics_port: int = 0
 
     def model_refs(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]

@@ -60,7 +60,7 @@ def test_routes_and_clusters_come_from_ads(iris, mesh):
     assert {"iris.r1.s0", "iris.r1.s1"} <= names
     clusters = by_type["ClustersConfigDump"]
     assert [c["cluster"]["name"] for c in clusters["static_clusters"]] == ["xds"]
-    assert "runtime.scikit" in {c["cluster"]["name"] for c in clusters["dynamic_active_clusters"]}
+    assert "runtime_scikit" in {c["cluster"]["name"] for c in clusters["dynamic_active_clusters"]}
     listeners = by_type["ListenersConfigDump"]
     assert not listeners.get("static_listeners")
     assert {l["name"] for l in listeners["dynamic_listeners"]} == {"ingress", "egress"}

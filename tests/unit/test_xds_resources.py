@@ -122,7 +122,7 @@ def test_gateway_egress_routes_match_the_route_header() -> None:
     first = by_name["p.r1.s0"]
     (header,) = first.match.headers
     assert header.name == ROUTE_HEADER and header.string_match.exact == "p.r1.s0"
-    assert first.route.cluster == "runtime.scikit"
+    assert first.route.cluster == "runtime_scikit"
     assert (first.route.timeout.seconds, first.route.timeout.nanos) == (2, 500_000_000)
     policy = first.route.retry_policy
     assert policy.num_retries.value == 3
@@ -130,7 +130,7 @@ def test_gateway_egress_routes_match_the_route_header() -> None:
     assert first.decorator.operation == "p/0 scaler"
 
     second = by_name["p.r1.s1"]
-    assert second.route.cluster == "runtime.spark"
+    assert second.route.cluster == "runtime_spark"
     assert (second.route.timeout.seconds, second.route.timeout.nanos) == (0, 40_000_000)
 
     fallback = by_name["unknown-stage"]
@@ -142,21 +142,21 @@ def test_gateway_ingress_routes_grpc_first() -> None:
     ingress = _by_name(build_resources(GATEWAY, STATE)[ROUTE])["ingress"]
     (vhost,) = ingress.virtual_hosts
     assert [(r.match.HasField("grpc"), r.route.cluster) for r in vhost.routes] == [
-        (True, "local.gateway.grpc"),
-        (False, "local.gateway"),
+        (True, "local_gateway_grpc"),
+        (False, "local_gateway"),
     ]
     assert all(r.route.timeout.seconds == 0 for r in vhost.routes)  # streaming: no route timeout
 
 
 def test_gateway_clusters() -> None:
     clusters = _by_name(build_resources(GATEWAY, STATE)[CLUSTER])
-    assert list(clusters) == ["local.gateway", "local.gateway.grpc", "runtime.scikit", "runtime.spark"]
-    local = clusters["local.gateway"]
+    assert list(clusters) == ["local_gateway", "local_gateway_grpc", "runtime_scikit", "runtime_spark"]
+    local = clusters["local_gateway"]
     assert local.type == Cluster.STATIC and _H2 not in local.typed_extension_protocol_options  # HTTP/1 API
-    grpc = clusters["local.gateway.grpc"]
+    grpc = clusters["local_gateway_grpc"]
     assert grpc.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value == 18084
     assert _H2 in grpc.typed_extension_protocol_options
-    for name in ("runtime.scikit", "runtime.spark"):
+    for name in ("runtime_scikit", "runtime_spark"):
         cluster = clusters[name]
         assert cluster.type == Cluster.EDS
         assert cluster.eds_cluster_config.eds_config.HasField("ads")
@@ -169,11 +169,11 @@ def test_gateway_clusters() -> None:
 
 def test_gateway_endpoints_come_from_the_registry() -> None:
     assignments = _by_name(build_resources(GATEWAY, STATE)[ENDPOINT])
-    assert list(assignments) == ["runtime.scikit", "runtime.spark"]
-    (group,) = assignments["runtime.scikit"].endpoints
+    assert list(assignments) == ["runtime_scikit", "runtime_spark"]
+    (group,) = assignments["runtime_scikit"].endpoints
     addresses = [(e.endpoint.address.socket_address.address, e.endpoint.address.socket_address.port_value) for e in group.lb_endpoints]
     assert addresses == [("10.0.0.5", 9001), ("127.0.0.1", 9002)]  # names resolved to IPs
-    assert list(assignments["runtime.spark"].endpoints) == []  # known runtime, no healthy instance
+    assert list(assignments["runtime_spark"].endpoints) == []  # known runtime, no healthy instance
 
 
 def test_gateway_without_egress_port_has_no_egress() -> None:
@@ -192,9 +192,9 @@ def test_runtime_node_gets_only_its_ingress() -> None:
     assert listener.name == "ingress" and listener.address.socket_address.port_value == 9001
     (routes,) = resources[ROUTE]
     assert routes.name == "ingress"
-    assert [r.route.cluster for r in routes.virtual_hosts[0].routes] == ["local.scikit"]
+    assert [r.route.cluster for r in routes.virtual_hosts[0].routes] == ["local_scikit"]
     (cluster,) = resources[CLUSTER]
-    assert cluster.name == "local.scikit" and cluster.type == Cluster.STATIC
+    assert cluster.name == "local_scikit" and cluster.type == Cluster.STATIC
     assert cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value == 19001
     assert _H2 in cluster.typed_extension_protocol_options  # the runtime speaks gRPC
     assert resources[ENDPOINT] == []
@@ -243,7 +243,7 @@ def test_snapshot_versions_are_content_hashes() -> None:
     assert list(a.versions) == list(PUSH_ORDER)
     assert a.versions == b.versions
     assert all(len(v) == 16 and int(v, 16) >= 0 for v in a.versions.values())
-    assert a.resources[CLUSTER]["runtime.scikit"] == b.resources[CLUSTER]["runtime.scikit"]
+    assert a.resources[CLUSTER]["runtime_scikit"] == b.resources[CLUSTER]["runtime_scikit"]
     # frozenset order and the extra dict do not matter
     reordered = dataclasses.replace(STATE, runtimes=frozenset(["scikit", "spark"]), extra={"x": 1})
     assert _snap(state=reordered).versions == a.versions
@@ -274,10 +274,10 @@ def test_snapshot_select() -> None:
     snap = _snap()
     everything = snap.select(CLUSTER, [])
     assert len(everything) == 4 and all(a.type_url == CLUSTER for a in everything)
-    picked = snap.select(ENDPOINT, ["runtime.spark", "runtime.nope"])
+    picked = snap.select(ENDPOINT, ["runtime_spark", "runtime.nope"])
     assert len(picked) == 1
     assignment = ClusterLoadAssignment()
-    assert picked[0].Unpack(assignment) and assignment.cluster_name == "runtime.spark"
+    assert picked[0].Unpack(assignment) and assignment.cluster_name == "runtime_spark"
     route = RouteConfiguration()
     assert snap.select(ROUTE, ["egress"])[0].Unpack(route) and route.name == "egress"
     assert snap.select("type.googleapis.com/unknown", []) == []
