@@ -9,7 +9,10 @@ training), and the whole run takes a few seconds:
 * ``iris_onnx``: scikit-learn StandardScaler + LogisticRegression on iris, exported
   with skl2onnx (plain probability tensor, no ZipMap) plus its class label;
 * ``mlp``: a 4-16-16-3 ReLU/softmax network trained on iris with NumPy, written
-  node by node with ``onnx.helper``;
+  node by node with ``onnx.helper``; it reads the raw measurements (FP32);
+* ``mlp_scaled``: the same network before the standardisation is folded into its
+  first layer, reading ``features`` FP64 [-1, 4] exactly as the ``iris_scaler``
+  scikit-learn model outputs them, so it chains after that model as a stage;
 * ``risk_mlp``: a 2-8-1 ReLU/sigmoid network that scores a binary classifier's
   probability vector (FP64, as Spark ML produces it) as a risk in [0, 1]; the last
   stage of a scikit -> Spark -> Triton pipeline.
@@ -66,6 +69,7 @@ class TrainedModels:
     iris: Pipeline
     mlp: Layers
     risk_mlp: Layers
+    mlp_scaled: Layers
 
 
 # --- training ----------------------------------------------------------------
@@ -122,10 +126,18 @@ def forward(layers: Layers, x: np.ndarray) -> np.ndarray:
     return _final_activation(h @ layers[-1][0] + layers[-1][1]).astype(np.float32)
 
 
-def train_iris_mlp() -> Layers:
+def train_iris_mlp_scaled() -> Layers:
+    """The iris network on standardised measurements (what ``iris_scaler`` outputs)."""
     X, y = load_iris(return_X_y=True)
     mean, std = X.mean(axis=0), X.std(axis=0)
-    layers = train_mlp((X - mean) / std, y, [4, 16, 16, 3], steps=1500, lr=0.01, seed=SEED)
+    return train_mlp((X - mean) / std, y, [4, 16, 16, 3], steps=1500, lr=0.01, seed=SEED)
+
+
+def train_iris_mlp(scaled: Layers | None = None) -> Layers:
+    """The iris network on raw measurements: ``scaled`` with the standardisation folded in."""
+    X = load_iris().data
+    mean, std = X.mean(axis=0), X.std(axis=0)
+    layers = list(scaled or train_iris_mlp_scaled())
     # fold the standardisation into the first layer so the model takes raw features
     W, b = layers[0]
     W64 = W.astype(np.float64) / std[:, None]
@@ -262,12 +274,20 @@ def build_repository(root: Path = DEFAULT_ROOT) -> TrainedModels:
         iris_onnx(iris),
     )
 
-    mlp = train_iris_mlp()
+    mlp_scaled = train_iris_mlp_scaled()
+    mlp = train_iris_mlp(mlp_scaled)
     write_model(
         root,
         triton_config("mlp", [features], [probabilities], max_batch_size=64, max_queue_delay_us=1000, preferred_batch_size=[16, 32]),
         "iris class probabilities from a 4-16-16-3 ReLU/softmax network",
         mlp_onnx("mlp", mlp, features, probabilities),
+    )
+    scaled = TensorDef("features", "TYPE_FP64", (4,))
+    write_model(
+        root,
+        triton_config("mlp_scaled", [scaled], [probabilities], max_batch_size=64, max_queue_delay_us=1000, preferred_batch_size=[16, 32]),
+        "the mlp network on standardised features (iris_scaler's output), FP64 in",
+        mlp_onnx("mlp_scaled", mlp_scaled, scaled, probabilities),
     )
 
     risk = train_risk_mlp()
@@ -278,7 +298,7 @@ def build_repository(root: Path = DEFAULT_ROOT) -> TrainedModels:
         "risk in [0, 1] from a binary classifier's [p(negative), p(positive)] (e.g. Spark ML's probability)",
         mlp_onnx("risk_mlp", risk, probability, score),
     )
-    return TrainedModels(root=root, iris=iris, mlp=mlp, risk_mlp=risk)
+    return TrainedModels(root=root, iris=iris, mlp=mlp, risk_mlp=risk, mlp_scaled=mlp_scaled)
 
 
 def main() -> None:

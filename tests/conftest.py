@@ -1,4 +1,5 @@
-"""Shared test helpers: the repository root, the example model store, bounded polling."""
+"""Shared test helpers: the repository root, the example model store, bounded polling,
+and HTTP clients for the ``mesh`` fixture a test directory or module defines."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STORE = ROOT / "models" / "store"
+TRITON_REPOSITORY = ROOT / "models" / "triton"
 
 
 def eventually(check: Callable[[], bool], timeout_s: float = 5.0, interval_s: float = 0.02) -> float:
@@ -25,8 +28,21 @@ def eventually(check: Callable[[], bool], timeout_s: float = 5.0, interval_s: fl
 
 @pytest.fixture(scope="session")
 def model_store() -> Path:
-    if not (STORE / "iris_classifier").is_dir():
+    built = [STORE / "iris_classifier", *(TRITON_REPOSITORY / m / "1" / "model.onnx" for m in ("iris_onnx", "mlp", "mlp_scaled", "risk_mlp"))]
+    if not all(p.exists() for p in built):
         from models.build import build
 
         build(STORE)
     return STORE
+
+
+@pytest.fixture(scope="module")
+def manager(mesh):
+    with httpx.Client(base_url=mesh.manager_url, timeout=10) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def gateway(mesh):
+    with httpx.Client(base_url=mesh.gateway_url, timeout=10) as client:
+        yield client

@@ -4,7 +4,6 @@ each with its real Envoy sidecar, on free ports; stopped by PID at the end.
 
 from __future__ import annotations
 
-import httpx
 import pytest
 
 from sluice.mesh import LocalMesh, MeshPorts, RuntimeSpec
@@ -22,18 +21,6 @@ def mesh(tmp_path_factory, model_store):
     )
     with mesh:
         yield mesh
-
-
-@pytest.fixture(scope="module")
-def manager(mesh):
-    with httpx.Client(base_url=mesh.manager_url, timeout=10) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def gateway(mesh):
-    with httpx.Client(base_url=mesh.gateway_url, timeout=10) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import onnxruntime as ort
 from sklearn.datasets import load_iris
 
 REPO = Path(__file__).resolve().parents[2]
-MODELS = ("iris_onnx", "mlp", "risk_mlp")
+MODELS = ("iris_onnx", "mlp", "mlp_scaled", "risk_mlp")
 
 
 def _files(root):
@@ -45,6 +45,11 @@ def test_models_learned_their_task(trained, train_triton):
     X, y = load_iris(return_X_y=True)
     assert (trained.iris.predict(X) == y).mean() > 0.95
     assert (train_triton.forward(trained.mlp, X).argmax(axis=1) == y).mean() > 0.95
+    # mlp_scaled is mlp before the standardisation was folded in: same answers on scaled input
+    scaled = ort.InferenceSession(str(trained.root / "mlp_scaled" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    (from_scaled,) = scaled.run(None, {"features": (X - X.mean(axis=0)) / X.std(axis=0)})
+    np.testing.assert_allclose(from_scaled, train_triton.forward(trained.mlp, X), atol=1e-5)
+    assert (from_scaled.argmax(axis=1) == y).mean() > 0.95
     session = ort.InferenceSession(str(trained.root / "risk_mlp" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
     p = np.array([0.05, 0.5, 0.95])
     risk = session.run(None, {"probability": np.stack([1 - p, p], axis=1)})[0].ravel()
