@@ -61,6 +61,7 @@ class ControlPlane:
         self.cache = SnapshotCache(self._snapshot_for)
         self._lock = asyncio.Lock()
         registry.on_change(self._refresh_envoy)
+        registry.on_runtime(self._learn_discovered)
 
     async def start(self) -> None:
         await self.registry.start()
@@ -178,6 +179,18 @@ class ControlPlane:
             heartbeat_interval_s=self.settings.heartbeat_interval_s,
             ttl_s=self.settings.heartbeat_ttl_s,
         )
+
+    async def _learn_discovered(self, name: str, kind: str, host: str, port: int, models: list[str]) -> None:
+        """A runtime instance found by discovery (Consul): read its signatures unless known."""
+        known = self.runtimes.get(name)
+        if known is not None and known.kind == kind and (not models or {m.partition(":")[0] for m in models} == set(known.models)):
+            return
+        try:
+            signatures = await read_signatures(host, port, models, self.settings.metadata_timeout_s)
+        except SignatureError as exc:
+            log.warning("runtime %s at %s:%d: cannot read its models (retried when an instance appears): %s", name, host, port, exc)
+            return
+        await self.learn_runtime(name, kind, signatures)
 
     async def learn_runtime(self, name: str, kind: str, models: dict[str, dict]) -> None:
         """Record a runtime's models and signatures (from registration or discovery)."""

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+#: (runtime name, kind, host, port, model refs) -> learn that runtime's models
+RuntimeListener = Callable[[str, str, str, int, list[str]], Awaitable[None]]
 
 
 @dataclass(frozen=True, order=True)
@@ -20,9 +26,25 @@ class Registry(abc.ABC):
 
     def __init__(self) -> None:
         self._listeners: list[Callable[[], None]] = []
+        self._runtime_listeners: list[RuntimeListener] = []
 
     def on_change(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
+
+    def on_runtime(self, callback: RuntimeListener) -> None:
+        """Be told of a runtime instance found by discovery, with what it says it serves.
+
+        Only registries whose runtimes do not announce themselves through the manager
+        (Consul) call this; the embedded registry's REST path learns models directly.
+        """
+        self._runtime_listeners.append(callback)
+
+    async def _runtime_found(self, name: str, kind: str, host: str, port: int, models: list[str]) -> None:
+        for callback in self._runtime_listeners:
+            try:
+                await callback(name, kind, host, port, models)
+            except Exception:  # one listener's failure must not stop discovery
+                log.exception("runtime listener failed for %s at %s:%d", name, host, port)
 
     def _changed(self) -> None:
         for callback in self._listeners:

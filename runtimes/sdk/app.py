@@ -15,6 +15,7 @@ import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from runtimes.sdk.consul import ConsulRegistration
 from runtimes.sdk.model import Model, ModelArtifact
 from runtimes.sdk.registration import Registration
 from runtimes.sdk.repository import fetch_model
@@ -42,6 +43,17 @@ async def load_models(settings: RuntimeSettings, loader: Loader) -> dict[str, Mo
     return models
 
 
+def _registration(settings: RuntimeSettings, kind: str, models: list[str]) -> Registration | ConsulRegistration | None:
+    """Consul when ``SLUICE_CONSUL_ADDR`` is set, else the manager's embedded registry (if any)."""
+    host, port = settings.announce
+    consul_addr = CommonSettings().consul_addr
+    if consul_addr:
+        return ConsulRegistration(consul_addr, settings.name, kind, host, port, models)
+    if settings.manager_url:
+        return Registration(settings.manager_url, settings.name, kind, host, port, models)
+    return None
+
+
 async def serve_runtime(kind: str, loader: Loader, settings: RuntimeSettings | None = None) -> None:
     settings = settings or RuntimeSettings()
     models = await load_models(settings, loader)
@@ -60,10 +72,8 @@ async def serve_runtime(kind: str, loader: Loader, settings: RuntimeSettings | N
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("runtime %s (%s) serving %s on %s", settings.name, kind, ", ".join(models) or "no models", address)
 
-    registration = None
-    if settings.manager_url:
-        host, port = settings.announce
-        registration = Registration(settings.manager_url, settings.name, kind, host, port, list(models))
+    registration = _registration(settings, kind, list(models))
+    if registration:
         registration.start()
 
     stop = asyncio.Event()

@@ -8,11 +8,25 @@ no longer knows the instance (e.g. it restarted), and deregisters on shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import httpx
 
 log = logging.getLogger(__name__)
+
+
+def instance_id(name: str, host: str, port: int) -> str:
+    """This instance's id in any registry: stable across restarts at the same address."""
+    return f"{name}-{host}-{port}".replace("/", "_")
+
+
+async def cancel(task: asyncio.Task | None) -> None:
+    """Cancel a background task and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class Registration:
@@ -24,7 +38,7 @@ class Registration:
             "host": host,
             "port": port,
             "models": models,
-            "instance_id": f"{name}-{host}-{port}".replace("/", "_"),
+            "instance_id": instance_id(name, host, port),
         }
         self.registered = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -33,12 +47,7 @@ class Registration:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel(self._task)
         if self.registered.is_set():
             try:
                 await self.client.delete(f"/api/v1/runtimes/{self.body['name']}/instances/{self.body['instance_id']}", timeout=2)
