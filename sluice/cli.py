@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sluice import zipkin
 from sluice.mesh import LocalMesh, MeshPorts, default_runtimes, workdir_default
 from sluice.metrics import histogram_quantiles
 from sluice.procs import StartError
@@ -26,7 +27,8 @@ def up(
     workdir: Path = typer.Option(None, help="state, logs and Envoy bootstraps (default .sluice/)"),
 ) -> None:
     """Start manager, repository, runtimes and gateway, each with its Envoy sidecar; Ctrl-C stops all."""
-    mesh = LocalMesh(workdir or workdir_default(), default_runtimes(), MeshPorts())
+    tracing = zipkin.java() is not None and zipkin.jar_path() is not None
+    mesh = LocalMesh(workdir or workdir_default(), default_runtimes(), MeshPorts(), zipkin_port=9411 if tracing else None)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -62,8 +64,15 @@ def _print_services(mesh: LocalMesh) -> None:
     console.print(f"manager     REST {mesh.manager_url}/api/v1 (docs {mesh.manager_url}/docs), xDS 127.0.0.1:{p.xds}")
     console.print(f"repository  {mesh.repository_url}/models")
     for r in mesh.runtimes:
-        console.print(f"runtime     {r.name} ({r.kind}) OIP gRPC 127.0.0.1:{r.public_port}, models {', '.join(r.models)}")
-    console.print(f"gateway     {mesh.gateway_url}/serve/<pipeline> (HTTP and OIP gRPC)")
+        console.print(
+            f"runtime     {r.name} ({r.kind}) OIP gRPC 127.0.0.1:{r.public_port}, models {', '.join(r.models)}, "
+            f"metrics http://127.0.0.1:{r.metrics_port}/metrics"
+        )
+    console.print(f"gateway     {mesh.gateway_url}/serve/<pipeline> (HTTP and OIP gRPC), metrics {mesh.gateway_url}/metrics")
+    if mesh.zipkin_port:
+        console.print(f"zipkin      {mesh.zipkin_url}/zipkin/ (one trace per request; x-trace-id on every answer)")
+    else:
+        console.print("zipkin      tracing is off: no Java or no Zipkin jar (./build.sh fetches it)")
     console.print(f"logs        {mesh.supervisor.log_dir}")
 
 

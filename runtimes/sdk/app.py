@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from runtimes.sdk.consul import ConsulRegistration
@@ -24,6 +25,7 @@ from runtimes.sdk.settings import RuntimeSettings
 from sluice.logs import setup_logging
 from sluice.serving import install_uvloop
 from sluice.settings import CommonSettings
+from sluice.tracing import setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +65,16 @@ async def serve_runtime(kind: str, loader: Loader, settings: RuntimeSettings | N
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(settings.name, kind, models), server)
+    tracing = setup_tracing(settings.name)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(settings.name, kind, models, tracing), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{settings.host}:{settings.port}"
     server.add_insecure_port(address)
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, settings.host)
     log.info("runtime %s (%s) serving %s on %s", settings.name, kind, ", ".join(models) or "no models", address)
 
     registration = _registration(settings, kind, list(models))
