@@ -179,6 +179,15 @@ class Stage:
         return self.meta.get("handleInvalid") == "skip"
 
 
+class UnaryStage(Stage):
+    """A stage of one ``inputCol`` and one ``outputCol``."""
+
+    def __init__(self, meta: StageMeta):
+        super().__init__(meta)
+        self.inp, self.out = meta.params["inputCol"], meta.params["outputCol"]
+        self.reads = [self.inp]
+
+
 def unsupported(meta: StageMeta, why: str) -> UnsupportedStage:
     return UnsupportedStage(f"{meta.short_name} ({meta.uid}): {why}")
 

@@ -18,6 +18,7 @@ from runtimes.spark.native.base import (
     InvalidInput,
     Stage,
     StageMeta,
+    UnaryStage,
     in_out_columns,
     unsupported,
     vector,
@@ -34,8 +35,7 @@ _INT_MIN, _INT_MAX = -(2.0**31), 2.0**31 - 1
 
 def ansi_double_to_int(x: np.ndarray) -> np.ndarray:
     """SQL ``CAST(x AS INT)`` with ANSI mode on (Spark 4's default): truncate, or fail on overflow/NaN."""
-    with np.errstate(invalid="ignore"):
-        fits = (np.floor(x) <= _INT_MAX) & (np.ceil(x) >= _INT_MIN)
+    fits = (np.floor(x) <= _INT_MAX) & (np.ceil(x) >= _INT_MIN)
     if not fits.all():
         raise InvalidInput(
             f'[CAST_OVERFLOW] The value {x[~fits][0]} of the type "DOUBLE" cannot be cast to "INT" due to an overflow.'
@@ -103,11 +103,9 @@ class StringIndexer(Stage):
 
 
 @register(_FEATURE + "IndexToString")
-class IndexToString(Stage):
+class IndexToString(UnaryStage):
     def __init__(self, meta: StageMeta):
         super().__init__(meta)
-        self.inp, self.out = meta.params["inputCol"], meta.params["outputCol"]
-        self.reads = [self.inp]
         labels = meta.get("labels")
         # without a labels param Spark reads them from the input column's metadata;
         # the pipeline resolves that in output_types, before any transform

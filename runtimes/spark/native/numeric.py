@@ -18,6 +18,7 @@ from runtimes.spark.native.base import (
     InvalidInput,
     Stage,
     StageMeta,
+    UnaryStage,
     in_out_columns,
     unsupported,
     vector,
@@ -67,15 +68,10 @@ class VectorAssembler(Stage):
         frame[self.out] = np.concatenate(parts, axis=1) if parts else np.zeros((frame.n, 0))
 
 
-class _VectorMap(Stage):
-    """A vector -> vector stage of one inputCol/outputCol and a fixed input size."""
+class VectorMap(UnaryStage):
+    """A vector -> vector stage with a fixed input size (-1: any)."""
 
     size = -1
-
-    def __init__(self, meta: StageMeta):
-        super().__init__(meta)
-        self.inp, self.out = meta.params["inputCol"], meta.params["outputCol"]
-        self.reads = [self.inp]
 
     def input_type(self, column: str) -> ColumnType:
         return vector(self.size)
@@ -94,7 +90,7 @@ class _VectorMap(Stage):
 
 
 @register(_FEATURE + "StandardScalerModel")
-class StandardScaler(_VectorMap):
+class StandardScaler(VectorMap):
     def __init__(self, meta: StageMeta):
         super().__init__(meta)
         require_spark3(meta)
@@ -117,7 +113,7 @@ class StandardScaler(_VectorMap):
 
 
 @register(_FEATURE + "MinMaxScalerModel")
-class MinMaxScaler(_VectorMap):
+class MinMaxScaler(VectorMap):
     def __init__(self, meta: StageMeta):
         super().__init__(meta)
         require_spark3(meta)
@@ -138,7 +134,7 @@ class MinMaxScaler(_VectorMap):
 
 
 @register(_FEATURE + "MaxAbsScalerModel")
-class MaxAbsScaler(_VectorMap):
+class MaxAbsScaler(VectorMap):
     def __init__(self, meta: StageMeta):
         super().__init__(meta)
         require_spark3(meta)
@@ -152,7 +148,7 @@ class MaxAbsScaler(_VectorMap):
 
 
 @register(_FEATURE + "Normalizer")
-class Normalizer(_VectorMap):
+class Normalizer(VectorMap):
     def __init__(self, meta: StageMeta):
         super().__init__(meta)
         self.p = float(meta.get("p", 2.0))
@@ -175,7 +171,7 @@ class Normalizer(_VectorMap):
 
 
 @register(_FEATURE + "PCAModel")
-class PCA(_VectorMap):
+class PCA(VectorMap):
     def __init__(self, meta: StageMeta):
         super().__init__(meta)
         require_spark3(meta)

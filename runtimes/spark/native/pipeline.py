@@ -70,8 +70,10 @@ class NativePipeline:
             raise InvalidInput(f"input columns differ in length: {sorted(sizes)}")
         n = sizes.pop() if sizes else 0
         frame = Frame(arrays, n)
-        for stage in self.stages:
-            stage.transform(frame)
+        # NaN and infinities propagate as in Spark; NumPy's warnings about them are noise
+        with np.errstate(all="ignore"):
+            for stage in self.stages:
+                stage.transform(frame)
         result = TransformResult((name, frame.columns[name]) for name in self.output_columns)
         result.rows = np.arange(n) if frame.rows is None else frame.rows
         return result

@@ -33,8 +33,7 @@ def softmax(raw: np.ndarray) -> np.ndarray:
     # the running max starts at -Double.MaxValue and skips NaN
     top = np.fmax.reduce(raw, axis=1, initial=-np.finfo(np.float64).max)
     exp = np.exp(raw - top.reshape(-1, 1))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        prob = exp * (1.0 / exp.sum(axis=1)).reshape(-1, 1)
+    prob = exp * (1.0 / exp.sum(axis=1)).reshape(-1, 1)
     inf = raw == np.inf
     if inf.any():
         rows = inf.any(axis=1)
@@ -137,9 +136,7 @@ class ProbabilisticClassifier(Predictor):
         if self.thresholds is None:
             return spark_argmax(prob)
         t = self.thresholds
-        with np.errstate(divide="ignore", invalid="ignore"):
-            scaled = np.where(t == 0.0, np.inf, prob / np.where(t == 0.0, 1.0, t))
-        return spark_argmax(scaled)
+        return spark_argmax(np.where(t == 0.0, np.inf, prob / np.where(t == 0.0, 1.0, t)))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         # ClassificationModel.predict: raw2prediction(predictRaw(features))

@@ -21,11 +21,13 @@ from runtimes.spark.native.base import (
     InvalidInput,
     Stage,
     StageMeta,
+    UnaryStage,
     in_out_columns,
     unsupported,
     vector,
 )
 from runtimes.spark.native.murmur3 import hash_terms
+from runtimes.spark.native.numeric import VectorMap
 from runtimes.spark.native.persist import read_data_row, require_spark3, to_vector
 from runtimes.spark.native.registry import register
 
@@ -61,12 +63,7 @@ def _text(value: object, meta: StageMeta) -> str:
     return value
 
 
-class _TokenizerBase(Stage):
-    def __init__(self, meta: StageMeta):
-        super().__init__(meta)
-        self.inp, self.out = meta.params["inputCol"], meta.params["outputCol"]
-        self.reads = [self.inp]
-
+class _TokenizerBase(UnaryStage):
     def input_type(self, column: str) -> ColumnType:
         return STRING
 
@@ -143,15 +140,13 @@ class StopWordsRemover(Stage):
             frame[out] = result
 
 
-class _TermFrequency(Stage):
+class _TermFrequency(UnaryStage):
     """array<string> -> term-count vector."""
 
     width = 0
 
     def __init__(self, meta: StageMeta):
         super().__init__(meta)
-        self.inp, self.out = meta.params["inputCol"], meta.params["outputCol"]
-        self.reads = [self.inp]
         self.binary = bool(meta.get("binary", False))
 
     def input_type(self, column: str) -> ColumnType:
@@ -211,19 +206,12 @@ class CountVectorizer(_TermFrequency):
 
 
 @register(_FEATURE + "IDFModel")
-class IDF(Stage):
+class IDF(VectorMap):
     def __init__(self, meta: StageMeta):
         super().__init__(meta)
         require_spark3(meta)
-        self.inp, self.out = meta.params["inputCol"], meta.params["outputCol"]
-        self.reads = [self.inp]
         self.idf = to_vector(read_data_row(meta)["idf"])
+        self.size = len(self.idf)
 
-    def input_type(self, column: str) -> ColumnType:
-        return vector(len(self.idf))
-
-    def output_types(self, types: Mapping[str, ColumnType]) -> dict[str, ColumnType]:
-        return {self.out: vector(len(self.idf))}
-
-    def transform(self, frame: Frame) -> None:
-        frame[self.out] = frame.vector(self.inp, len(self.idf)) * self.idf
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return x * self.idf
