@@ -39,7 +39,7 @@ def to_columns(inputs: Mapping[str, np.ndarray], specs: Sequence[TensorSpec]) ->
             raise TensorError(f"input {spec.name!r} is missing")
         array = np.asarray(inputs[spec.name])
         want = spec.shape or (-1,)
-        if array.ndim != len(want) or any(w not in (-1, g) for g, w in zip(array.shape, want)):
+        if array.ndim != len(want) or (array.ndim == 2 and want[1] not in (-1, array.shape[1])):
             raise TensorError(f"input {spec.name!r} must have shape {list(spec.shape)}, got {list(array.shape)}")
         if spec.datatype == "BYTES":
             text = [_decode(v, spec.name) for v in array.reshape(-1).tolist()]

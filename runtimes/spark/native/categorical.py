@@ -1,7 +1,9 @@
 """Categorical transformers: StringIndexer, IndexToString, OneHotEncoder.
 
 Strings are looked up in a dict per row (the one per-row step left: NumPy has no fast
-string hashing); everything after the lookup is vectorised.
+string hashing); everything after the lookup is vectorised. IndexToString follows
+Spark 4, which casts the index in SQL with ANSI mode on (its default): NaN or an
+index beyond the int range fails the cast.
 """
 
 from __future__ import annotations

@@ -42,13 +42,13 @@ class LogisticRegression(ProbabilisticClassifier):
         if self.multinomial:
             return x @ self.coef.T + self.intercept
         m = self._margin(x)
-        return np.stack([-m, m], axis=1)
+        return np.column_stack((-m, m))
 
     def raw2probability(self, raw: np.ndarray) -> np.ndarray:
         if self.multinomial:
             return softmax(raw)
         p0 = 1.0 / (1.0 + np.exp(-raw[:, 0]))
-        return np.stack([p0, 1.0 - p0], axis=1)
+        return np.column_stack((p0, 1.0 - p0))
 
     def raw2prediction(self, raw: np.ndarray) -> np.ndarray:
         if self.multinomial:

@@ -41,31 +41,33 @@ class VectorAssembler(Stage):
         sizes = [1 if types[c].kind == "double" else types[c].size for c in self.reads]
         return {self.out: vector(-1 if min(sizes, default=0) < 0 else sum(sizes))}
 
-    def _parts(self, frame: Frame) -> tuple[list[np.ndarray], np.ndarray | None]:
-        parts, nan = [], None
+    def _assemble(self, frame: Frame) -> tuple[np.ndarray, list[int]]:
+        """The assembled vectors, and the positions that came from scalar columns."""
+        parts, scalars, position = [], [], 0
         for name in self.reads:
-            col = frame[name]
-            if col.ndim == 2:
-                # NaN inside a vector is passed through in every mode, as Spark does
-                parts.append(frame.vector(name))
-                continue
-            col = frame.double(name)
-            isnan = np.isnan(col)
-            nan = isnan if nan is None else nan | isnan
-            parts.append(col.reshape(-1, 1))
-        return parts, nan
+            if frame[name].ndim == 2:
+                part = frame.vector(name)
+            else:
+                part = frame.double(name).reshape(-1, 1)
+                scalars.append(position)
+            parts.append(part)
+            position += part.shape[1]
+        return (np.concatenate(parts, axis=1) if parts else np.zeros((frame.n, 0))), scalars
 
     def transform(self, frame: Frame) -> None:
-        parts, nan = self._parts(frame)
-        if nan is not None and self.handle != "keep" and nan.any():
-            if self.handle == "error":
-                raise InvalidInput(
-                    'Encountered NaN while assembling a row with handleInvalid = "error". '
-                    'Consider removing NaNs from dataset or using handleInvalid = "keep" or "skip".'
-                )
-            frame.keep(~nan)
-            parts, _ = self._parts(frame)
-        frame[self.out] = np.concatenate(parts, axis=1) if parts else np.zeros((frame.n, 0))
+        out, scalars = self._assemble(frame)
+        # only NaN in a scalar column is invalid: Spark passes NaN inside vectors through
+        if scalars and self.handle != "keep":
+            nan = np.isnan(out[:, scalars]).any(axis=1)
+            if nan.any():
+                if self.handle == "error":
+                    raise InvalidInput(
+                        'Encountered NaN while assembling a row with handleInvalid = "error". '
+                        'Consider removing NaNs from dataset or using handleInvalid = "keep" or "skip".'
+                    )
+                frame.keep(~nan)
+                out = out[~nan]
+        frame[self.out] = out
 
 
 class VectorMap(UnaryStage):

@@ -28,7 +28,12 @@ class TransformResult(dict):
 
 
 class NativePipeline:
-    """A PipelineModel whose every stage has a native implementation."""
+    """A PipelineModel whose every stage has a native implementation.
+
+    ``input_columns``: the raw columns it reads; ``output_columns``: every column it
+    adds, in order; ``column_types``: the type of each of both; ``final_columns``: the
+    added columns a caller usually wants; ``may_drop_rows``: a stage skips invalid rows.
+    """
 
     def __init__(self, stages: list[Stage]):
         self.stages = stages

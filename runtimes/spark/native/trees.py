@@ -175,12 +175,12 @@ class GBTClassifier(_TreeClassifier):
 
     def predict_raw(self, x: np.ndarray) -> np.ndarray:
         m = self._margin(x)
-        return np.stack([-m, m], axis=1)
+        return np.column_stack((-m, m))
 
     def raw2probability(self, raw: np.ndarray) -> np.ndarray:
         # LogLoss.computeProbability(raw0) = 1 / (1 + exp(-2 * raw0)); then 1 - p0
         p0 = 1.0 / (1.0 + np.exp(-2.0 * raw[:, 0]))
-        return np.stack([p0, 1.0 - p0], axis=1)
+        return np.column_stack((p0, 1.0 - p0))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         if self.thresholds is not None:
