@@ -19,6 +19,7 @@ from manager.settings import ManagerSettings
 from manager.store import Store
 from manager.xds.ads import AdsServicer
 from sluice.errors import install_error_handlers
+from sluice.jsonbody import JsonBodyMiddleware
 from sluice.limits import BodyLimitMiddleware
 from sluice.metrics import mount_metrics
 from sluice.tracing import Tracing, TracingMiddleware
@@ -84,6 +85,7 @@ def create(settings: ManagerSettings, common: CommonSettings, tracing: Tracing |
 
     metrics.register(control)
     mount_metrics(app)
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(TracingMiddleware, tracing=tracing or Tracing("manager", None))
     return app, server, control

@@ -84,6 +84,16 @@ def test_tritonclient_calls_the_runtime_directly(mesh, iris):
         client.close()
 
 
+def test_curl_style_form_content_type_is_read_as_json(manager):
+    # curl -d '{...}' without -H declares a form body; the seed's commands rely on it working
+    body = b'{"name":"curl-style","transportType":"http","chain":["scikit/iris_scaler","scikit/iris_classifier"]}'
+    created = manager.post("/api/v1/pipelines", content=body, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert created.status_code == 201, created.text
+    assert manager.delete("/api/v1/pipelines/curl-style").status_code == 204
+    form = manager.post("/api/v1/pipelines", content=b"name=x&chain=y", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert form.status_code == 422
+
+
 def test_pipeline_crud_and_errors(manager, gateway, iris):
     assert [p["name"] for p in manager.get("/api/v1/pipelines").json()] == ["iris"]
     assert manager.get("/api/v1/pipelines/iris").json()["stages"][1]["bindings"] == {"features": "features"}
