@@ -10,7 +10,8 @@ from pathlib import Path
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse
 
-from repository.catalog import Catalog, ModelEntry, PathRefused, sha256
+from repository.catalog import Catalog, ModelEntry, PathRefused
+from sluice.files import sha256_file
 from repository.settings import RepositorySettings
 from sluice.errors import ApiError, install_error_handlers
 from sluice.metrics import mount_metrics
@@ -69,7 +70,7 @@ def create(settings: RepositorySettings, base_dir: Path | None = None) -> FastAP
             "name": entry.name,
             "version": version,
             "files": [
-                {"path": p.as_posix(), "size": (base / p).stat().st_size, "sha256": sha256(base / p)}
+                {"path": p.as_posix(), "size": (base / p).stat().st_size, "sha256": sha256_file(base / p)}
                 for p in entry.files(version)
             ],
         }

@@ -15,7 +15,6 @@ directory: ``..`` segments, absolute paths and symlinks that lead outside are re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
@@ -76,14 +75,6 @@ def _inside(path: Path, base: Path) -> bool:
 
 def _version_key(v: str) -> tuple[int, int | str]:
     return (0, int(v)) if v.isdigit() else (1, v)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Catalog:

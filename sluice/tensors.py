@@ -193,32 +193,23 @@ def from_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequen
 # --- requests and responses ------------------------------------------------------
 
 
+def _decode(tensors, raw: Sequence[bytes], what: str) -> dict[str, np.ndarray]:
+    if raw and len(raw) != len(tensors):
+        raise TensorError(f"raw_{what}_contents must hold one entry per {what}")
+    return {
+        t.name: from_raw(raw[i], t.datatype, t.shape) if raw else from_contents(t.contents, t.datatype, t.shape)
+        for i, t in enumerate(tensors)
+    }
+
+
 def request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     """Decode every input of a ModelInferRequest, raw or typed, into arrays."""
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise TensorError("raw_input_contents must hold one entry per input")
-    arrays: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
-        if raw:
-            arrays[tensor.name] = from_raw(raw[i], tensor.datatype, tensor.shape)
-        else:
-            arrays[tensor.name] = from_contents(tensor.contents, tensor.datatype, tensor.shape)
-    return arrays
+    return _decode(request.inputs, request.raw_input_contents, "input")
 
 
 def response_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
     """Decode every output of a ModelInferResponse, raw or typed, into arrays."""
-    raw = response.raw_output_contents
-    if raw and len(raw) != len(response.outputs):
-        raise TensorError("raw_output_contents must hold one entry per output")
-    arrays: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(response.outputs):
-        if raw:
-            arrays[tensor.name] = from_raw(raw[i], tensor.datatype, tensor.shape)
-        else:
-            arrays[tensor.name] = from_contents(tensor.contents, tensor.datatype, tensor.shape)
-    return arrays
+    return _decode(response.outputs, response.raw_output_contents, "output")
 
 
 def fill_response(

@@ -6,20 +6,12 @@ runtime loads from disk.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path, PurePosixPath
 
 import httpx
 
+from sluice.files import sha256_file
 from runtimes.sdk.model import ModelArtifact, ModelLoadError
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 async def fetch_model(client: httpx.AsyncClient, ref: str, cache_dir: Path) -> ModelArtifact:
@@ -40,7 +32,7 @@ async def fetch_model(client: httpx.AsyncClient, ref: str, cache_dir: Path) -> M
         if relative.is_absolute() or ".." in relative.parts:
             raise ModelLoadError(f"repository listed an unsafe path {item['path']!r}")
         local = target.joinpath(*relative.parts)
-        if local.is_file() and local.stat().st_size == item["size"] and _sha256(local) == item["sha256"]:
+        if local.is_file() and local.stat().st_size == item["size"] and sha256_file(local) == item["sha256"]:
             continue
         local.parent.mkdir(parents=True, exist_ok=True)
         partial = local.with_name(local.name + ".part")
