@@ -59,8 +59,14 @@ async def _run(pipeline, request: Request) -> Response:
             stage_name=exc.stage.name,
             model=exc.stage.model,
         )
+    try:
+        body = decode_outputs(outputs, single)
+    except TensorError as exc:
+        last = pipeline.stages[-1]
+        raise ApiError(502, f"stage {last.index} ({last.name}) answered unreadable tensors: {exc}", "stage_bad_output",
+                       pipeline=pipeline_name, stage=last.index) from None
     return Response(
-        decode_outputs(outputs, single),
+        body,
         media_type="application/json",
         headers={"x-sluice-revision": str(pipeline.revision)},
     )
