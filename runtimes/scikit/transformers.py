@@ -41,22 +41,29 @@ class ListingPairFeatures(BaseEstimator, TransformerMixin):
         self.vectorizer_ = TfidfVectorizer(analyzer="char_wb", ngram_range=self.ngram_range, lowercase=True).fit(corpus)
         return self
 
-    def _cosine(self, left, right) -> np.ndarray:
-        a = self.vectorizer_.transform([str(v) for v in left])
-        b = self.vectorizer_.transform([str(v) for v in right])
-        return np.asarray(a.multiply(b).sum(axis=1)).reshape(-1)  # rows are L2-normalised
+    def _cosines(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """TF-IDF cosine of the titles and of the specifics; one vectorizer call for all
+        four columns (its fixed cost dominates small batches), rows L2-normalised."""
+        n = len(X)
+        m = self.vectorizer_.transform([str(v) for v in X.T.reshape(-1)])  # column-major: t1, s1, t2, s2
+        t1, s1, t2, s2 = (m[i * n : (i + 1) * n] for i in range(4))
+        return (
+            np.asarray(t1.multiply(t2).sum(axis=1)).reshape(-1),
+            np.asarray(s1.multiply(s2).sum(axis=1)).reshape(-1),
+        )
 
     def transform(self, X) -> np.ndarray:
         X = np.asarray(X, dtype=object)
         t1, s1, t2, s2 = (X[:, i] for i in range(4))
+        title_cosine, specifics_cosine = self._cosines(X)
         numbers = [
             _jaccard(set(_NUMBER.findall(str(a))), set(_NUMBER.findall(str(b)))) for a, b in zip(t1, t2)
         ]
         gaps = [abs(len(str(a)) - len(str(b))) / max(len(str(a)), len(str(b)), 1) for a, b in zip(t1, t2)]
         return np.column_stack(
             [
-                self._cosine(t1, t2),
-                self._cosine(s1, s2),
+                title_cosine,
+                specifics_cosine,
                 [_jaccard(_tokens(str(a)), _tokens(str(b))) for a, b in zip(t1, t2)],
                 [_jaccard(_tokens(str(a)), _tokens(str(b))) for a, b in zip(s1, s2)],
                 numbers,
