@@ -45,15 +45,22 @@ async def load_models(settings: RuntimeSettings, loader: Loader) -> dict[str, Mo
     return models
 
 
-def _registration(settings: RuntimeSettings, kind: str, models: list[str]) -> Registration | ConsulRegistration | None:
-    """Consul when ``SLUICE_CONSUL_ADDR`` is set, else the manager's embedded registry (if any)."""
-    host, port = settings.announce
+def registration_for(
+    manager_url: str, name: str, kind: str, host: str, port: int, models: list[str]
+) -> Registration | ConsulRegistration | None:
+    """Consul when ``SLUICE_CONSUL_ADDR`` is set, else the manager's embedded registry
+    (if a manager URL is given). Also used for servers we did not write (Triton)."""
     consul_addr = CommonSettings().consul_addr
     if consul_addr:
-        return ConsulRegistration(consul_addr, settings.name, kind, host, port, models)
-    if settings.manager_url:
-        return Registration(settings.manager_url, settings.name, kind, host, port, models)
+        return ConsulRegistration(consul_addr, name, kind, host, port, models)
+    if manager_url:
+        return Registration(manager_url, name, kind, host, port, models)
     return None
+
+
+def _registration(settings: RuntimeSettings, kind: str, models: list[str]) -> Registration | ConsulRegistration | None:
+    host, port = settings.announce
+    return registration_for(settings.manager_url, settings.name, kind, host, port, models)
 
 
 async def serve_runtime(kind: str, loader: Loader, settings: RuntimeSettings | None = None) -> None:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from runtimes.sdk.app import registration_for as registration  # the SDK's own choice: Consul or the manager
 from runtimes.sdk.registration import Registration
 from runtimes.triton.remote import RemoteModel, RemoteTritonError, discover
 from sluice.logs import setup_logging
@@ -69,16 +70,6 @@ def wait_for_models(
             raise RemoteTritonError(f"Triton at {address} has no READY model after {wait_s:.0f}s: {why}")
         log.info("waiting for Triton at %s: %s", address, why)
         time.sleep(interval_s)
-
-
-def registration(manager_url: str, name: str, kind: str, host: str, port: int, models: list[str]) -> Registration | ConsulRegistration:
-    """Consul when ``SLUICE_CONSUL_ADDR`` is set, else the manager's embedded registry."""
-    consul_addr = CommonSettings().consul_addr
-    if consul_addr:
-        from runtimes.sdk.consul import ConsulRegistration
-
-        return ConsulRegistration(consul_addr, name, kind, host, port, models)
-    return Registration(manager_url, name, kind, host, port, models)
 
 
 async def announce(registration: Registration | ConsulRegistration) -> None:
