@@ -8,7 +8,6 @@ outputs, ModelInfer runs the chain.
 from __future__ import annotations
 
 import grpc
-from opentelemetry import trace
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -56,13 +55,8 @@ class PipelineInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         tracing = self.executor.tracing
         if not tracing.enabled:
             return await self._infer(request, context)
-        metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
-        with tracing.tracer.start_as_current_span(
-            f"infer pipeline {request.model_name}",
-            context=Tracing.extract(metadata),
-            kind=trace.SpanKind.SERVER,
-            attributes={"sluice.pipeline": request.model_name},
-        ):
+        metadata = Tracing.grpc_metadata(context)
+        with tracing.server_span(f"infer pipeline {request.model_name}", metadata, {"sluice.pipeline": request.model_name}):
             return await self._infer(request, context)
 
     async def _infer(self, request, context):

@@ -39,6 +39,17 @@ class Tracing:
         return _propagator.extract(carrier)
 
     @staticmethod
+    def grpc_metadata(context) -> dict[str, str]:
+        """A gRPC call's text metadata (its B3 headers and x-sluice-* tags among them)."""
+        return {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+
+    def server_span(self, name: str, carrier: Mapping[str, str], attributes: dict | None = None):
+        """A SERVER span continuing the trace ``carrier`` (HTTP headers or gRPC metadata) holds."""
+        return self.tracer.start_as_current_span(
+            name, context=self.extract(carrier), kind=trace.SpanKind.SERVER, attributes=attributes
+        )
+
+    @staticmethod
     def inject(carrier: dict[str, str]) -> dict[str, str]:
         """Add the current span's B3 headers to ``carrier``."""
         _propagator.inject(carrier)
@@ -100,9 +111,7 @@ class TracingMiddleware:
         if scope["type"] != "http" or not self.tracing.enabled or scope["path"] in self._UNTRACED:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        parent = Tracing.extract(headers)
-        name = f"{scope['method']} {scope['path']}"
-        with self.tracing.tracer.start_as_current_span(name, context=parent, kind=trace.SpanKind.SERVER) as span:
+        with self.tracing.server_span(f"{scope['method']} {scope['path']}", headers) as span:
             trace_id = trace_id_hex(span).encode()
 
             async def send_with_trace_id(message):

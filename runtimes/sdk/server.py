@@ -12,7 +12,6 @@ import logging
 import time
 
 import grpc
-from opentelemetry import trace
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -75,18 +74,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             if not self.tracing.enabled:
                 return await self._infer(request, context)
-            metadata = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
-            with self.tracing.tracer.start_as_current_span(
-                f"infer {request.model_name}",
-                context=Tracing.extract(metadata),
-                kind=trace.SpanKind.SERVER,
-                attributes={
-                    "sluice.runtime": self.name,
-                    "sluice.model": request.model_name,
-                    "sluice.pipeline": metadata.get("x-sluice-pipeline", ""),
-                    "sluice.stage": metadata.get("x-sluice-stage", ""),
-                },
-            ):
+            metadata = Tracing.grpc_metadata(context)
+            attributes = {
+                "sluice.runtime": self.name,
+                "sluice.model": request.model_name,
+                "sluice.pipeline": metadata.get("x-sluice-pipeline", ""),
+                "sluice.stage": metadata.get("x-sluice-stage", ""),
+            }
+            with self.tracing.server_span(f"infer {request.model_name}", metadata, attributes):
                 return await self._infer(request, context)
         except BaseException:
             status = getattr(context.code(), "name", "ERROR")  # the code context.abort() set
