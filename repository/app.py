@@ -5,6 +5,7 @@ Every endpoint takes ``?version=`` (default: the latest version).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
@@ -15,6 +16,17 @@ from sluice.files import sha256_file
 from repository.settings import RepositorySettings
 from sluice.errors import ApiError, install_error_handlers
 from sluice.metrics import mount_metrics
+
+
+@lru_cache(maxsize=4096)
+def _digest(path: Path, mtime_ns: int, size: int) -> str:
+    """SHA-256 of a file, computed once per (path, mtime, size): listings repeat, files rarely change."""
+    return sha256_file(path)
+
+
+def _describe(path: Path, relative: Path) -> dict:
+    stat = path.stat()
+    return {"path": relative.as_posix(), "size": stat.st_size, "sha256": _digest(path, stat.st_mtime_ns, stat.st_size)}
 
 
 def _entry(catalog: Catalog, model: str, version: str | None) -> tuple[ModelEntry, str]:
@@ -69,10 +81,7 @@ def create(settings: RepositorySettings, base_dir: Path | None = None) -> FastAP
         return {
             "name": entry.name,
             "version": version,
-            "files": [
-                {"path": p.as_posix(), "size": (base / p).stat().st_size, "sha256": sha256_file(base / p)}
-                for p in entry.files(version)
-            ],
+            "files": [_describe(base / p, p) for p in entry.files(version)],
         }
 
     @app.get("/download/{model}/{file:path}", tags=["models"])
