@@ -13,6 +13,10 @@ from fastapi import FastAPI
 
 from manager import metrics
 from manager.api import router
+from manager.models import ModelService
+from manager.models_api import UPLOAD_PATH
+from manager.models_api import router as models_router
+from manager.repository import RepositoryClient
 from manager.control import ControlPlane
 from manager.registry.embedded import EmbeddedRegistry
 from manager.settings import ManagerSettings
@@ -67,6 +71,7 @@ def create(settings: ManagerSettings, common: CommonSettings, tracing: Tracing |
         log.info("manager: REST on %s:%d, xDS on %s:%d", settings.host, settings.port, settings.xds_host, settings.xds_port)
         yield
         await control.stop()
+        await repository.close()
         store.close()
 
     app = FastAPI(
@@ -75,9 +80,12 @@ def create(settings: ManagerSettings, common: CommonSettings, tracing: Tracing |
         description="Pipelines and runtimes of the Sluice mesh; the xDS control plane of its Envoy sidecars.",
         lifespan=lifespan,
     )
+    repository = RepositoryClient(settings.repository_url)
     app.state.control = control
+    app.state.models = ModelService(control, repository)
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(models_router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict:
@@ -85,7 +93,7 @@ def create(settings: ManagerSettings, common: CommonSettings, tracing: Tracing |
 
     metrics.register(control)
     mount_metrics(app)
-    app.add_middleware(JsonBodyMiddleware)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(JsonBodyMiddleware, raw_paths=UPLOAD_PATH)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, overrides={UPLOAD_PATH: settings.max_upload_bytes})
     app.add_middleware(TracingMiddleware, tracing=tracing or Tracing("manager", None))
     return app, server, control

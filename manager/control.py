@@ -21,7 +21,8 @@ import uuid
 from typing import Any
 
 from manager.feed import PipelineFeed
-from manager.registry.base import Registry
+from manager import runtime_models
+from manager.registry.base import Endpoint, Registry
 from manager.registry.embedded import EmbeddedRegistry
 from manager.resolve import resolve
 from manager.schemas import PipelineSpec, Registered, RuntimeRegistration
@@ -164,11 +165,19 @@ class ControlPlane:
             log.info("pipeline %s deleted", name)
 
     # --- runtimes
+    @property
+    def lock(self) -> asyncio.Lock:
+        """Held while a change to pipelines (or to the models they use) is under way."""
+        return self._lock
+
     async def register_runtime(self, reg: RuntimeRegistration) -> Registered:
         if not isinstance(self.registry, EmbeddedRegistry):
             raise ApiError(409, "runtimes register with Consul in this deployment", "registry_external")
+        loaded = await self._load_recorded(reg.name, reg.host, reg.port)
+        if loaded is None:
+            raise ApiError(503, f"runtime {reg.name!r} instance at {reg.host}:{reg.port} could not load its recorded models", "models_not_loaded")
         try:
-            models = await read_signatures(reg.host, reg.port, reg.models, self.settings.metadata_timeout_s)
+            models = await read_signatures(reg.host, reg.port, sorted({*reg.models, *loaded}), self.settings.metadata_timeout_s)
         except SignatureError as exc:
             raise ApiError(503, f"cannot read the models of runtime {reg.name!r}: {exc}", "runtime_unreachable") from exc
         await self.learn_runtime(reg.name, reg.kind, models)
@@ -180,8 +189,23 @@ class ControlPlane:
             ttl_s=self.settings.heartbeat_ttl_s,
         )
 
+    async def _load_recorded(self, runtime: str, host: str, port: int) -> list[str] | None:
+        """Load every model version recorded for ``runtime`` onto a new instance, before it
+        takes traffic; the model names, or None when the instance refused one."""
+        recorded = self.store.loaded_models(runtime)
+        endpoint = [Endpoint(runtime, host, port, f"{host}:{port}")]
+        for loaded in recorded:
+            failures = await runtime_models.load(endpoint, loaded.model, loaded.version, self.settings.model_load_timeout_s)
+            if failures:
+                log.warning("runtime %s at %s:%d did not load %s version %s: %s", runtime, host, port, loaded.model, loaded.version, failures[0].message)
+                return None
+        return sorted({loaded.model for loaded in recorded})
+
     async def _learn_discovered(self, name: str, kind: str, host: str, port: int, models: list[str]) -> None:
-        """A runtime instance found by discovery (Consul): read its signatures unless known."""
+        """A runtime instance found by discovery (Consul): load its recorded models onto it,
+        then read its signatures unless known."""
+        loaded = await self._load_recorded(name, host, port)
+        models = sorted({*models, *(loaded or [])})
         known = self.runtimes.get(name)
         if known is not None and known.kind == kind and (not models or {m.partition(":")[0] for m in models} == set(known.models)):
             return
@@ -191,6 +215,14 @@ class ControlPlane:
             log.warning("runtime %s at %s:%d: cannot read its models (retried when an instance appears): %s", name, host, port, exc)
             return
         await self.learn_runtime(name, kind, signatures)
+
+    def forget_model(self, runtime: str, model: str) -> None:
+        """A model that ``runtime`` no longer serves (every version unloaded)."""
+        row = self.runtimes[runtime]
+        models = {k: v for k, v in row.models.items() if k != model}
+        self.store.put_runtime(runtime, row.kind, models)
+        self.runtimes[runtime] = RuntimeRow(runtime, row.kind, models)
+        self._refresh_envoy()
 
     async def learn_runtime(self, name: str, kind: str, models: dict[str, dict]) -> None:
         """Record a runtime's models and signatures (from registration or discovery)."""

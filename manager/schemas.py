@@ -130,3 +130,73 @@ class RuntimeOut(BaseModel):
     kind: str
     models: list[ModelOut]
     instances: list[InstanceOut]
+
+
+# --- models (the repository's, and the versions runtimes serve)
+class ModelFileOut(BaseModel):
+    path: str
+    size: int
+    sha256: str
+
+
+class ServedBy(BaseModel):
+    runtime: str
+    instances: int
+
+
+class ModelVersionOut(BaseModel):
+    version: str
+    framework: str
+    inputs: list[TensorSpecModel]
+    outputs: list[TensorSpecModel]
+    files: list[ModelFileOut]
+    #: runtimes that have this version loaded
+    served_by: list[ServedBy]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    layout: str
+    framework: str
+    latest: str
+    versions: list[ModelVersionOut]
+
+
+class UploadedModel(BaseModel):
+    """A new model version, as the repository numbered it."""
+
+    name: str
+    version: str
+    layout: str
+    framework: str
+    files: list[ModelFileOut]
+
+
+class LoadModel(BaseModel):
+    """Load a model version from the repository onto every instance of a runtime."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    #: default: the repository's latest version at the time of the call
+    version: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class LoadedModelOut(BaseModel):
+    runtime: str
+    model: str
+    version: str
+    #: every version of the model the runtime now serves (the highest answers unpinned stages)
+    versions: list[str]
+    platform: str
+    inputs: list[TensorSpecModel]
+    outputs: list[TensorSpecModel]
+    instances: int
+
+
+class MeshInfo(BaseModel):
+    """Where the mesh's public services are, for clients such as the SDK."""
+
+    gateway_url: str
+    repository_url: str
+    version: str

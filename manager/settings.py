@@ -29,3 +29,11 @@ class ManagerSettings(BaseSettings):
     #: bind address of the listeners the manager pushes to sidecars
     listener_address: str = "127.0.0.1"
     max_body_bytes: int = Field(1 << 20, gt=0)
+    #: the model repository, for model listings, uploads (streamed through) and deletes
+    repository_url: str = "http://127.0.0.1:8087"
+    #: where clients send requests (``GET /api/v1/info``; the SDK's ``predict`` goes there)
+    gateway_url: str = "http://127.0.0.1:8083"
+    #: largest model upload streamed through to the repository (which has its own limit)
+    max_upload_bytes: int = Field(1 << 30, gt=0)
+    #: deadline for a runtime instance to load (or unload) one model version
+    model_load_timeout_s: float = Field(120.0, gt=0)

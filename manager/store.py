@@ -1,5 +1,6 @@
-"""SQLite persistence for pipelines, runtimes (with their model signatures) and
-runtime instances, so a restarted manager serves the same mesh.
+"""SQLite persistence for pipelines, runtimes (with their model signatures), runtime
+instances and the model versions loaded onto runtimes through the API, so a
+restarted manager serves the same mesh.
 
 One connection, WAL journal, every write in a transaction. Calls are synchronous and
 sub-millisecond; the manager is not on the request path.
@@ -36,6 +37,13 @@ CREATE TABLE IF NOT EXISTS instances (
     port INTEGER NOT NULL,
     last_seen REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS runtime_models (
+    runtime TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    loaded_at REAL NOT NULL,
+    PRIMARY KEY (runtime, model, version)
+);
 """
 
 
@@ -54,6 +62,15 @@ class RuntimeRow:
     name: str
     kind: str
     models: dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True, order=True)
+class LoadedModel:
+    """A model version loaded onto a runtime through the API (re-loaded on every new instance)."""
+
+    runtime: str
+    model: str
+    version: str
 
 
 @dataclass(frozen=True)
@@ -139,3 +156,27 @@ class Store:
     def delete_instance(self, instance_id: str) -> None:
         with self._db:
             self._db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+
+    # --- model versions loaded onto runtimes through the API
+    def loaded_models(self, runtime: str | None = None) -> list[LoadedModel]:
+        if runtime is None:
+            rows = self._db.execute("SELECT runtime, model, version FROM runtime_models ORDER BY runtime, model, version")
+        else:
+            rows = self._db.execute(
+                "SELECT runtime, model, version FROM runtime_models WHERE runtime = ? ORDER BY model, version", (runtime,)
+            )
+        return [LoadedModel(*r) for r in rows.fetchall()]
+
+    def put_loaded_model(self, loaded: LoadedModel) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT OR IGNORE INTO runtime_models (runtime, model, version, loaded_at) VALUES (?, ?, ?, ?)",
+                (loaded.runtime, loaded.model, loaded.version, time.time()),
+            )
+
+    def delete_loaded_model(self, loaded: LoadedModel) -> None:
+        with self._db:
+            self._db.execute(
+                "DELETE FROM runtime_models WHERE runtime = ? AND model = ? AND version = ?",
+                (loaded.runtime, loaded.model, loaded.version),
+            )

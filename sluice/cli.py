@@ -1,10 +1,13 @@
 """The ``sluice`` command: ``sluice up`` starts the whole mesh locally; ``sluice status``
-shows what it serves.
+shows what it serves; ``sluice models``, ``sluice upload`` and ``sluice predict`` bring
+a model in and call a pipeline (through the SDK, ``sluice.client``).
 """
 
 from __future__ import annotations
 
+import json
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sluice import zipkin
+from sluice.client import Client, SluiceError, default_token
 from sluice.mesh import LocalMesh, MeshPorts, default_runtimes, workdir_default
 from sluice.metrics import histogram_quantiles
 from sluice.procs import StartError
@@ -107,6 +111,102 @@ def status(
         healthy = sum(1 for i in r["instances"] if i["healthy"])
         table.add_row(r["name"], r["kind"], f"{healthy} healthy" if healthy else "[red]none[/red]", ", ".join(m["name"] for m in r["models"]))
     console.print(table)
+
+
+MANAGER = typer.Option("http://127.0.0.1:8080", envvar="SLUICE_MANAGER_URL", help="manager URL")
+TOKEN = typer.Option(None, envvar="SLUICE_TOKEN", help="API token (Bearer)")
+#: uploads at least this large get a progress bar
+PROGRESS_BYTES = 4 << 20
+
+
+def _fail(exc: SluiceError | httpx.HTTPError) -> typer.Exit:
+    if isinstance(exc, SluiceError):
+        console.print(f"[red]{exc.status} {exc.code}:[/red] {exc.message}")
+        if exc.details:
+            console.print_json(data=exc.details)
+    else:
+        console.print(f"[red]cannot reach the mesh: {exc}[/red]")
+    return typer.Exit(1)
+
+
+@app.command()
+def models(manager: str = MANAGER, token: str = TOKEN) -> None:
+    """Models in the repository: versions, signatures, and which runtimes serve them."""
+    try:
+        with Client(manager, token or default_token()) as client:
+            listing = client.models()
+    except (SluiceError, httpx.HTTPError) as exc:
+        raise _fail(exc) from None
+    table = Table(title="models")
+    for column in ("model", "version", "framework", "inputs", "outputs", "served by"):
+        table.add_column(column)
+    for model in listing:
+        for v in model["versions"]:
+            table.add_row(
+                model["name"], v["version"], v["framework"],
+                ", ".join(f"{t['name']} {t['datatype']}{t['shape']}" for t in v["inputs"]),
+                ", ".join(f"{t['name']} {t['datatype']}{t['shape']}" for t in v["outputs"]),
+                ", ".join(f"{s['runtime']} ({s['instances']})" for s in v["served_by"]) or "-",
+            )
+    console.print(table)
+
+
+@app.command()
+def upload(
+    path: Path = typer.Argument(..., help="a .joblib/.pkl estimator, an .onnx file, a saved Spark PipelineModel, or a model directory"),
+    name: str = typer.Option(..., "--name", help="the model's name in the repository"),
+    runtime: str = typer.Option(None, "--runtime", help="runtime to load it on (default: scikit, serving-localml-spark or triton by kind)"),
+    load: bool = typer.Option(True, help="load the new version on the runtime"),
+    manager: str = MANAGER,
+    token: str = TOKEN,
+) -> None:
+    """Upload a model as a new version and load it on a runtime, with no restart."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=console, transient=True) as bar:
+        task = None
+
+        def progress(sent: int, total: int) -> None:
+            nonlocal task
+            if total < PROGRESS_BYTES:
+                return
+            if task is None:
+                task = bar.add_task(f"uploading {name}", total=total)
+            bar.update(task, completed=sent)
+
+        try:
+            with Client(manager, token or default_token()) as client:
+                ref = client.upload(path, name, runtime, load=load, progress=progress)
+        except (SluiceError, httpx.HTTPError) as exc:
+            raise _fail(exc) from None
+        except ValueError as exc:  # the model could not be packaged
+            console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(1) from None
+    where = f", loaded on {ref.runtime}; use it as {ref}" if load else ""
+    console.print(f"uploaded {ref.name} version {ref.version}{where}")
+
+
+@app.command()
+def predict(
+    pipeline: str = typer.Argument(..., help="pipeline name"),
+    file: Path = typer.Option(None, "-f", "--file", help="JSON records (a list or one object); default: stdin"),
+    manager: str = MANAGER,
+    gateway: str = typer.Option(None, envvar="SLUICE_GATEWAY_URL", help="gateway URL (default: the manager's /api/v1/info)"),
+    token: str = TOKEN,
+) -> None:
+    """Send records through a pipeline and print the answer as JSON."""
+    text = file.read_text() if file else sys.stdin.read()
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        console.print(f"[red]the records are not JSON: {exc}[/red]")
+        raise typer.Exit(1) from None
+    try:
+        with Client(manager, token or default_token(), gateway_url=gateway) as client:
+            answer = client.predict(pipeline, records)
+    except (SluiceError, httpx.HTTPError) as exc:
+        raise _fail(exc) from None
+    print(json.dumps(answer))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """ASGI middleware that refuses request bodies above a configured size with a 413.
 
 Checks ``Content-Length`` up front and counts streamed (chunked) bodies as they
-arrive, so an oversized upload is refused without being buffered.
+arrive, so an oversized upload is refused without being buffered. Paths matching
+``overrides`` (a regex -> limit) get their own limit, e.g. model uploads.
 """
 
 from __future__ import annotations
+
+import re
 
 from sluice.errors import error_body
 
@@ -14,16 +17,21 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, overrides: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.overrides = [(re.compile(pattern), limit) for pattern, limit in (overrides or {}).items()]
+
+    def _limit(self, path: str) -> int:
+        return next((limit for pattern, limit in self.overrides if pattern.match(path)), self.max_bytes)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self._limit(scope.get("path", ""))
         for key, value in scope.get("headers", ()):
-            if key == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                return await self._refuse(send)
+            if key == b"content-length" and value.isdigit() and int(value) > limit:
+                return await self._refuse(send, limit)
         seen = 0
         started = False
 
@@ -32,7 +40,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     raise BodyTooLarge()
             return message
 
@@ -46,10 +54,10 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, limit)
 
-    async def _refuse(self, send) -> None:
-        body = error_body("payload_too_large", f"request body is larger than {self.max_bytes} bytes", {"limit": self.max_bytes})
+    async def _refuse(self, send, limit: int) -> None:
+        body = error_body("payload_too_large", f"request body is larger than {limit} bytes", {"limit": limit})
         await send(
             {
                 "type": "http.response.start",

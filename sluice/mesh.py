@@ -98,7 +98,7 @@ class LocalMesh:
             self.start_manager()
             self._start_service("repository", "repository", self.ports.repository, self.ports.repository_local, {
                 "SLUICE_REPOSITORY_PORT": str(self.ports.repository_local),
-                "SLUICE_REPOSITORY_ROOTS": self.env.get("SLUICE_REPOSITORY_ROOTS", "models/store:models/triton"),
+                "SLUICE_REPOSITORY_ROOTS": self.env.get("SLUICE_REPOSITORY_ROOTS", self._repository_roots()),
             })
             for runtime in self.runtimes:
                 self.start_runtime(runtime.name)
@@ -187,11 +187,19 @@ class LocalMesh:
             metrics_port=spec.metrics_port or free_port(),
         )
 
+    def _repository_roots(self) -> str:
+        """Uploads land in the workdir (the first root); the example models are read beside them."""
+        uploads = self.workdir / "models"
+        uploads.mkdir(parents=True, exist_ok=True)
+        return f"{uploads}:models/store:models/triton"
+
     def _manager_env(self) -> dict[str, str]:
         return {
             "SLUICE_MANAGER_PORT": str(self.ports.manager_local),
             "SLUICE_MANAGER_XDS_PORT": str(self.ports.xds),
             "SLUICE_MANAGER_DB_PATH": str(self.workdir / "manager.db"),
+            "SLUICE_MANAGER_REPOSITORY_URL": self.repository_url,
+            "SLUICE_MANAGER_GATEWAY_URL": self.gateway_url,
         }
 
     def _python(self, key: str, module: str, env: dict[str, str]) -> Proc:

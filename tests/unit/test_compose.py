@@ -212,8 +212,11 @@ def test_triton_reserves_a_gpu_and_serves_the_models_triton_folder():
     # the repository serves the same folders, where SLUICE_REPOSITORY_ROOTS says (relative to WORKDIR)
     (workdir,) = re.findall(r"^WORKDIR (\S+)", (ROOT / "Dockerfile").read_text(), re.M)
     repo_mounts = {m.split(":")[1]: m.split(":")[0] for m in SERVICES["repository"]["volumes"]}
-    for root in env("repository")["SLUICE_REPOSITORY_ROOTS"].split(":"):
+    uploads, *examples = env("repository")["SLUICE_REPOSITORY_ROOTS"].split(":")
+    for root in examples:
         assert repo_mounts[f"{workdir}/{root}"] == f"./{root}"
+    # uploads land in the first root: a writable named volume, not the read-only examples
+    assert repo_mounts[f"{workdir}/{uploads}"] in COMPOSE["volumes"]
 
 
 def test_triton_register_points_at_tritons_sidecar_and_its_grpc_port():

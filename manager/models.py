@@ -1,0 +1,167 @@
+"""Models as users manage them: what the repository holds and which runtimes serve
+which version; uploads; loading a version onto a runtime (hot, no restart) and
+unloading it; deleting a model nobody uses.
+
+Rules that keep pipelines whole:
+
+* A load goes to every instance of the runtime at once; if any instance refuses,
+  the version is unloaded again where it had been newly loaded, and the call fails
+  naming the instance and its reason. A loaded version is recorded, so every
+  instance that registers later loads it before it takes traffic.
+* An unpinned stage runs the highest version its runtime serves. Unloading (or
+  deleting) a version is refused with a 409 naming the pipelines while a pipeline
+  pins that version on that runtime, or while it is the only version left for an
+  unpinned stage. Deleting a whole model is refused while any pipeline names it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterable
+from typing import Any
+
+from manager.control import ControlPlane
+from manager.registry.base import Endpoint
+from manager.repository import RepositoryClient
+from manager import runtime_models
+from manager.runtime_models import LoadFailure
+from manager.schemas import LoadedModelOut, ModelInfo, ServedBy, UploadedModel
+from manager.signatures import SignatureError, read_signatures
+from manager.store import LoadedModel
+from sluice.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+
+class ModelService:
+    def __init__(self, control: ControlPlane, repository: RepositoryClient):
+        self.control = control
+        self.repository = repository
+
+    # --- the repository's models, annotated with who serves them
+    async def list(self) -> list[ModelInfo]:
+        return [self._info(m) for m in await self.repository.models()]
+
+    async def get(self, name: str) -> ModelInfo:
+        return self._info(await self.repository.model(name))
+
+    def _info(self, model: dict[str, Any]) -> ModelInfo:
+        endpoints = self.control.registry.endpoints()
+        versions = []
+        for v in model["versions"]:
+            served_by = [
+                ServedBy(runtime=r.name, instances=len(endpoints.get(r.name, [])))
+                for r in sorted(self.control.runtimes.values(), key=lambda r: r.name)
+                if v["version"] in r.models.get(model["name"], {}).get("versions", [])
+            ]
+            versions.append({**v, "served_by": served_by})
+        return ModelInfo(**{**model, "versions": versions})
+
+    async def upload(self, name: str, body: AsyncIterable[bytes], content_type: str) -> UploadedModel:
+        uploaded = UploadedModel(**await self.repository.upload(name, body, content_type))
+        log.info("model %s version %s uploaded (%d files)", uploaded.name, uploaded.version, len(uploaded.files))
+        return uploaded
+
+    async def delete(self, name: str, version: str | None) -> None:
+        async with self.control.lock:
+            users = self._users(name, version)
+            if users:
+                what = f"version {version} of model {name!r}" if version else f"model {name!r}"
+                raise ApiError(409, f"{what} is used by pipelines {', '.join(users)}", "model_in_use", model=name, version=version, pipelines=users)
+            for runtime in sorted(self.control.runtimes.values(), key=lambda r: r.name):
+                loaded = runtime.models.get(name, {}).get("versions", [])
+                if (version is None and loaded) or version in loaded:
+                    await self._unload(runtime.name, name, version)
+            await self.repository.delete(name, version)
+        log.info("model %s %s deleted", name, f"version {version}" if version else "(every version)")
+
+    # --- versions on runtimes
+    async def load(self, runtime: str, model: str, version: str | None) -> LoadedModelOut:
+        endpoints = self._endpoints(runtime)
+        # an unknown model or version is a 404 before any runtime is asked
+        version = (await self.repository.metadata(model, version))["version"]
+        served = version in self.control.runtimes[runtime].models.get(model, {}).get("versions", [])
+        failures = await runtime_models.load(endpoints, model, version, self.control.settings.model_load_timeout_s)
+        if failures:
+            if not served:  # leave no instance serving a version the mesh does not know of
+                await runtime_models.unload(endpoints, model, version, self.control.settings.model_load_timeout_s)
+            raise _load_error(runtime, model, version, failures)
+        self.control.store.put_loaded_model(LoadedModel(runtime, model, version))
+        signature = await self._learn(runtime, model, endpoints)
+        log.info("model %s version %s loaded on runtime %s (%d instances)", model, version, runtime, len(endpoints))
+        return LoadedModelOut(runtime=runtime, model=model, version=version, instances=len(endpoints), **signature)
+
+    async def unload(self, runtime: str, model: str, version: str | None) -> None:
+        async with self.control.lock:
+            known = self.control.runtimes.get(runtime)
+            versions = (known.models.get(model, {}).get("versions", []) if known else [])
+            if not versions or (version is not None and version not in versions):
+                what = f"version {version} of model {model!r}" if version else f"model {model!r}"
+                raise ApiError(404, f"runtime {runtime!r} does not serve {what}", "not_found", runtime=runtime, model=model, versions=versions)
+            users = self._users(model, version, runtime)
+            if users:
+                raise ApiError(409, f"model {model!r} on runtime {runtime!r} is used by pipelines {', '.join(users)}", "model_in_use", runtime=runtime, model=model, version=version, pipelines=users)
+            await self._unload(runtime, model, version)
+
+    async def _unload(self, runtime: str, model: str, version: str | None) -> None:
+        endpoints = self.control.registry.endpoints().get(runtime, [])
+        failures = await runtime_models.unload(endpoints, model, version, self.control.settings.model_load_timeout_s)
+        if failures:
+            raise _load_error(runtime, model, version, failures, verb="unload")
+        for loaded in self.control.store.loaded_models(runtime):
+            if loaded.model == model and version in (None, loaded.version):
+                self.control.store.delete_loaded_model(loaded)
+        versions = self.control.runtimes[runtime].models.get(model, {}).get("versions", [])
+        if version is None or set(versions) <= {version}:
+            self.control.forget_model(runtime, model)
+        else:
+            await self._learn(runtime, model, endpoints)
+
+    def _endpoints(self, runtime: str) -> list[Endpoint]:
+        if runtime not in self.control.runtimes:
+            raise ApiError(404, f"no runtime {runtime!r}", "not_found", runtime=runtime, known=sorted(self.control.runtimes))
+        endpoints = self.control.registry.endpoints().get(runtime, [])
+        if not endpoints:
+            raise ApiError(503, f"runtime {runtime!r} has no live instance to load onto", "no_instances", runtime=runtime)
+        return endpoints
+
+    async def _learn(self, runtime: str, model: str, endpoints: list[Endpoint]) -> dict[str, Any]:
+        """Read the model's signature from an instance and record it with the runtime."""
+        first = endpoints[0]
+        try:
+            signatures = await read_signatures(first.host, first.port, [model], self.control.settings.metadata_timeout_s)
+        except SignatureError as exc:
+            raise ApiError(503, f"cannot read model {model!r} from runtime {runtime!r}: {exc}", "runtime_unreachable") from exc
+        row = self.control.runtimes[runtime]
+        await self.control.learn_runtime(runtime, row.kind, {**row.models, **signatures})
+        return signatures[model]
+
+    def _users(self, model: str, version: str | None, runtime: str | None = None) -> list[str]:
+        """Pipelines (any live revision) that would break without ``model`` (at ``version``)."""
+        users = set()
+        for name, revisions in self.control.routed.items():
+            for row in revisions:
+                for stage in row.stages:
+                    if stage["model"] != model or (runtime and stage["runtime"] != runtime):
+                        continue
+                    served = self.control.runtimes.get(stage["runtime"])
+                    loaded = served.models.get(model, {}).get("versions", []) if served else []
+                    pinned = stage.get("version")
+                    if version is None or pinned == version or (not pinned and set(loaded) <= {version}):
+                        users.add(name)
+        return sorted(users)
+
+
+def _load_error(runtime: str, model: str, version: str | None, failures: list[LoadFailure], verb: str = "load") -> ApiError:
+    first = failures[0]
+    refused = all(f.refused for f in failures)
+    return ApiError(
+        422 if refused else 503,
+        f"runtime {runtime!r} could not {verb} model {model!r} version {version or '(all)'}: "
+        f"instance {first.instance_id}: {first.code}: {first.message}",
+        "model_load_failed" if verb == "load" else "model_unload_failed",
+        runtime=runtime,
+        model=model,
+        version=version,
+        instances=[{"instance": f.instance_id, "code": f.code, "message": f.message} for f in failures],
+    )

@@ -1,0 +1,108 @@
+"""The manager's REST API for models: list what the repository holds and who serves
+it, upload a new version (streamed through to the repository), delete, and load or
+unload a version on a runtime without restarting it.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request, Response, status
+
+from manager.models import ModelService
+from manager.schemas import LoadedModelOut, LoadModel, MeshInfo, ModelInfo, UploadedModel
+from sluice.errors import ApiError
+
+router = APIRouter(prefix="/api/v1")
+
+#: request bodies a model upload may have: a tar archive (optionally gzipped) or a multipart form
+UPLOAD_TYPES = (
+    "multipart/form-data",
+    "application/gzip",
+    "application/x-gzip",
+    "application/x-tar",
+    "application/x-gtar",
+    "application/octet-stream",
+)
+UPLOAD_PATH = r"^/api/v1/models/[^/]+$"
+
+_ERRORS = {
+    404: {"description": "no such model, version or runtime"},
+    409: {"description": "the model is used by pipelines (named in details)"},
+    503: {"description": "the repository or the runtime is unreachable"},
+}
+
+
+def _models(request: Request) -> ModelService:
+    return request.app.state.models
+
+
+@router.get("/info", response_model=MeshInfo, tags=["mesh"])
+async def info(request: Request) -> MeshInfo:
+    """Where the mesh's public services are (the SDK sends predictions to the gateway)."""
+    settings = request.app.state.control.settings
+    return MeshInfo(gateway_url=settings.gateway_url, repository_url=settings.repository_url, version=request.app.version)
+
+
+@router.get("/models", response_model=list[ModelInfo], tags=["models"], responses={503: _ERRORS[503]})
+async def list_models(request: Request) -> list[ModelInfo]:
+    """Every model in the repository: versions, signatures, file digests, and which runtimes serve each version."""
+    return await _models(request).list()
+
+
+@router.get("/models/{name}", response_model=ModelInfo, tags=["models"], responses={404: _ERRORS[404], 503: _ERRORS[503]})
+async def get_model(name: str, request: Request) -> ModelInfo:
+    return await _models(request).get(name)
+
+
+@router.post(
+    "/models/{name}",
+    response_model=UploadedModel,
+    status_code=status.HTTP_201_CREATED,
+    tags=["models"],
+    responses={
+        400: {"description": "a malformed archive or a path that leaves the model's directory"},
+        409: {"description": "the upload's layout or config.pbtxt conflicts with the model's"},
+        413: {"description": "the upload is over the size limits"},
+        415: {"description": "not a tar, tar.gz or multipart body"},
+        422: {"description": "a broken model.json or config.pbtxt"},
+        503: _ERRORS[503],
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/gzip": {"schema": {"type": "string", "format": "binary"}},
+                "multipart/form-data": {
+                    "schema": {"type": "object", "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}
+                },
+            },
+        }
+    },
+)
+async def upload_model(name: str, request: Request) -> UploadedModel:
+    """Upload a new version of a model (versions are immutable and numbered by the repository):
+    a tar.gz of the version's files, or a multipart form of `files` whose file names are
+    their paths. `model.json` makes a Sluice-layout model, `config.pbtxt` a Triton-layout one."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() not in UPLOAD_TYPES:
+        raise ApiError(415, f"a model upload is a tar.gz or multipart/form-data body, not {content_type or 'no content type'!r}", accepted=list(UPLOAD_TYPES))
+    return await _models(request).upload(name, request.stream(), content_type)
+
+
+@router.delete("/models/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["models"], responses=_ERRORS)
+async def delete_model(name: str, request: Request, version: str | None = Query(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")) -> Response:
+    """Delete a model (or one version), unloading it from runtimes first; refused while a pipeline uses it."""
+    await _models(request).delete(name, version)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/runtimes/{name}/models", response_model=LoadedModelOut, tags=["runtimes"], responses={**_ERRORS, 422: {"description": "the runtime refused to load the model"}})
+async def load_model(name: str, body: LoadModel, request: Request) -> LoadedModelOut:
+    """Load a model version onto every instance of a runtime, with no restart; recorded, so new instances load it too."""
+    return await _models(request).load(name, body.model, body.version)
+
+
+@router.delete("/runtimes/{name}/models/{model}", status_code=status.HTTP_204_NO_CONTENT, tags=["runtimes"], responses=_ERRORS)
+async def unload_model(name: str, model: str, request: Request, version: str | None = Query(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")) -> Response:
+    """Unload a model (or one version) from every instance of a runtime; refused while a pipeline needs it."""
+    await _models(request).unload(name, model, version)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
