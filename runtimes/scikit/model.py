@@ -9,8 +9,10 @@ by several outputs runs once.
 
 from __future__ import annotations
 
-import numpy as np
+import warnings
+
 import joblib
+import numpy as np
 import sklearn
 
 from runtimes.sdk.model import Model, ModelArtifact, ModelLoadError
@@ -19,6 +21,10 @@ from sluice.tensors import DATATYPE_TO_DTYPE, TensorError
 # Input validation that costs more than a small model's arithmetic; the signature
 # already fixed the shapes and the gateway the dtypes.
 sklearn.set_config(assume_finite=True)
+# An estimator fitted on a DataFrame gets its columns as a matrix stacked in signature
+# order, which is its feature_names_in_ order (the SDK derives one from the other);
+# sklearn would warn on every request.
+warnings.filterwarnings("ignore", message="X does not have valid feature names", category=UserWarning)
 
 _METHODS = {"transform", "predict", "predict_proba", "predict_log_proba", "decision_function"}
 
@@ -34,8 +40,8 @@ class SklearnModel(Model):
         path = artifact.path / artifact.manifest.get("artifact", "model.joblib")
         try:
             self.estimator = joblib.load(path)
-        except (OSError, ValueError, ImportError) as exc:
-            raise ModelLoadError(f"{artifact.name}: cannot load {path.name}: {exc}") from exc
+        except Exception as exc:  # missing file, truncated or corrupt pickle (KeyError, EOFError...), missing class
+            raise ModelLoadError(f"{artifact.name}: cannot load {path.name}: {type(exc).__name__}: {exc}") from exc
         self.methods: dict[str, str] = {}
         for spec in artifact.manifest["outputs"]:
             method = spec.get("method", "predict")

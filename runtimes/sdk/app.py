@@ -1,5 +1,11 @@
 """Runs a runtime kind: load its models from the repository, serve them over OIP
 gRPC with gRPC health checking, register, and shut down cleanly on SIGTERM/SIGINT.
+
+The models of ``SLUICE_RUNTIME_MODELS`` are loaded at start through the same
+``models.ModelSet`` (and the same off-loop loading) that the model-repository
+extension (``RepositoryModelLoad``/``RepositoryModelUnload``) changes at run time;
+the registration announces whatever that set holds when it registers. Shutdown
+closes every model.
 """
 
 from __future__ import annotations
@@ -7,19 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import grpc
-import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from runtimes.sdk.consul import ConsulRegistration
-from runtimes.sdk.model import Model, ModelArtifact
-from runtimes.sdk.registration import Registration
-from runtimes.sdk.repository import fetch_model
+from runtimes.sdk.models import Loader, ModelSet
+from runtimes.sdk.registration import ModelNames, Registration
+from runtimes.sdk.repository import ModelRepository
 from runtimes.sdk.server import InferenceService
 from runtimes.sdk.settings import RuntimeSettings
 from sluice.logs import setup_logging
@@ -29,27 +32,27 @@ from sluice.tracing import setup_tracing
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[ModelArtifact], Model | Awaitable[Model]]
+def model_set(settings: RuntimeSettings, loader: Loader) -> ModelSet:
+    """An empty set that loads with ``loader`` from the settings' repository and cache."""
+    return ModelSet(loader=loader, repository=ModelRepository(settings.repository_url, settings.cache_dir))
 
 
-async def load_models(settings: RuntimeSettings, loader: Loader) -> dict[str, Model]:
-    models: dict[str, Model] = {}
-    async with httpx.AsyncClient(base_url=settings.repository_url, timeout=60) as client:
-        for ref in settings.model_refs():
-            artifact = await fetch_model(client, ref, Path(settings.cache_dir))
-            model = loader(artifact)
-            if asyncio.iscoroutine(model):
-                model = await model
-            models[model.name] = model
-            log.info("loaded %s version %s (%s)", model.name, model.version, model.platform)
+async def load_models(settings: RuntimeSettings, loader: Loader, models: ModelSet | None = None) -> ModelSet:
+    """Load the models of ``SLUICE_RUNTIME_MODELS`` (``name`` or ``name:version``) into
+    ``models`` (default: a new set); a failure stops the start-up."""
+    models = models if models is not None else model_set(settings, loader)
+    for ref in settings.model_refs():
+        name, _, version = ref.partition(":")
+        await models.load(name, version)
     return models
 
 
 def registration_for(
-    manager_url: str, name: str, kind: str, host: str, port: int, models: list[str]
+    manager_url: str, name: str, kind: str, host: str, port: int, models: ModelNames
 ) -> Registration | ConsulRegistration | None:
     """Consul when ``SLUICE_CONSUL_ADDR`` is set, else the manager's embedded registry
-    (if a manager URL is given). Also used for servers we did not write (Triton)."""
+    (if a manager URL is given). Also used for servers we did not write (Triton).
+    ``models``: the names, or a callable that returns the names loaded now."""
     consul_addr = CommonSettings().consul_addr
     if consul_addr:
         return ConsulRegistration(consul_addr, name, kind, host, port, models)
@@ -58,14 +61,20 @@ def registration_for(
     return None
 
 
-def _registration(settings: RuntimeSettings, kind: str, models: list[str]) -> Registration | ConsulRegistration | None:
+def _registration(settings: RuntimeSettings, kind: str, models: ModelNames) -> Registration | ConsulRegistration | None:
     host, port = settings.announce
     return registration_for(settings.manager_url, settings.name, kind, host, port, models)
 
 
 async def serve_runtime(kind: str, loader: Loader, settings: RuntimeSettings | None = None) -> None:
     settings = settings or RuntimeSettings()
-    models = await load_models(settings, loader)
+    models = model_set(settings, loader)
+    try:
+        await load_models(settings, loader, models)
+    except BaseException:
+        await models.close()
+        await models.repository.aclose()
+        raise
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -82,9 +91,9 @@ async def serve_runtime(kind: str, loader: Loader, settings: RuntimeSettings | N
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, settings.host)
-    log.info("runtime %s (%s) serving %s on %s", settings.name, kind, ", ".join(models) or "no models", address)
+    log.info("runtime %s (%s) serving %s on %s", settings.name, kind, ", ".join(models.names()) or "no models", address)
 
-    registration = _registration(settings, kind, list(models))
+    registration = _registration(settings, kind, models.names)
     if registration:
         registration.start()
 
@@ -98,8 +107,8 @@ async def serve_runtime(kind: str, loader: Loader, settings: RuntimeSettings | N
     if registration:
         await registration.stop()
     await server.stop(grace=2)
-    for model in models.values():
-        await model.close()
+    await models.close()
+    await models.repository.aclose()
 
 
 def main(kind: str, loader: Loader) -> None:

@@ -8,6 +8,10 @@ stays critical for ``deregister_after`` is removed by Consul. Registration retri
 with back-off until the agent answers, is made again if the agent forgets it (an agent
 restart), and is withdrawn on shutdown. Same ``start()``/``stop()`` shape as
 ``runtimes.sdk.registration.Registration``.
+
+``models`` may be a callable returning the names now loaded: the Meta is built at each
+registration, and the service is registered again (same ID and check) when the loaded
+models differ from the Meta last sent, found at the same recheck as a forgotten service.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import logging
 
 from consul import Check, ConsulException
 
-from runtimes.sdk.registration import cancel, instance_id
+from runtimes.sdk.registration import ModelNames, cancel, instance_id, model_names
 from sluice import consul as sluice_consul
 from sluice.consul import RUNTIME_TAG
 
@@ -25,6 +29,12 @@ log = logging.getLogger(__name__)
 
 #: Consul rejects a Meta value longer than this
 META_VALUE_MAX = 512
+
+
+def models_meta(models: list[str]) -> str:
+    """The ``models`` Meta value: the refs comma-separated, or "" when too long for Consul."""
+    joined = ",".join(models)
+    return joined if len(joined) <= META_VALUE_MAX else ""
 
 
 def service_definition(
@@ -38,17 +48,16 @@ def service_definition(
     deregister_after: str = "1m",
 ) -> dict:
     """Keyword arguments for py-consul's ``agent.service.register``."""
-    models_meta = ",".join(models)
-    if len(models_meta) > META_VALUE_MAX:
+    meta_value = models_meta(models)
+    if models and not meta_value:
         log.warning("model list too long for Consul Meta: the manager will read this runtime's repository index")
-        models_meta = ""
     return {
         "name": name,
         "service_id": instance_id(name, host, port),
         "address": host,
         "port": port,
         "tags": [RUNTIME_TAG, kind],
-        "meta": {RUNTIME_TAG: name, "kind": kind, "models": models_meta},
+        "meta": {RUNTIME_TAG: name, "kind": kind, "models": meta_value},
         "check": Check.grpc(f"{host}:{port}", check_interval, timeout=check_timeout, deregister=deregister_after),
     }
 
@@ -61,7 +70,7 @@ class ConsulRegistration:
         kind: str,
         host: str,
         port: int,
-        models: list[str],
+        models: ModelNames,
         *,
         recheck_s: float = 10.0,
         **check: str,
@@ -69,7 +78,9 @@ class ConsulRegistration:
         """``check``: ``check_interval``, ``check_timeout``, ``deregister_after`` (Consul durations)."""
         sluice_consul.split_address(address)
         self.address = address
-        self.service = service_definition(name, kind, host, port, models, **check)
+        self.models = models
+        self._define = lambda names: service_definition(name, kind, host, port, names, **check)
+        self.service = self._define(model_names(models))
         self.service_id: str = self.service["service_id"]
         self.registered = asyncio.Event()
         self._recheck_s = recheck_s
@@ -95,6 +106,7 @@ class ConsulRegistration:
 
     async def _register(self) -> None:
         backoff = 0.1
+        self.service = self._define(model_names(self.models))
         while True:
             try:
                 await self._client.agent.service.register(**self.service)
@@ -119,4 +131,7 @@ class ConsulRegistration:
                 continue
             if self.service_id not in (services or {}):
                 log.warning("the Consul agent forgot %s; registering again", self.service_id)
+                await self._register()
+            elif models_meta(model_names(self.models)) != self.service["meta"]["models"]:
+                log.info("the loaded models changed; registering %s again with Consul", self.service_id)
                 await self._register()

@@ -3,6 +3,10 @@
 Registers (retrying with back-off until the manager can read the runtime's models),
 heartbeats at the interval the manager asks for, registers again when the manager
 no longer knows the instance (e.g. it restarted), and deregisters on shutdown.
+
+The models it announces are read at each registration (``models`` is a list or a
+callable returning the names now loaded), so registering again after a manager
+restart lists the models loaded at run time too.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import httpx
 
@@ -21,6 +26,14 @@ def instance_id(name: str, host: str, port: int) -> str:
     return f"{name}-{host}-{port}".replace("/", "_")
 
 
+ModelNames = list[str] | Callable[[], list[str]]
+
+
+def model_names(models: ModelNames) -> list[str]:
+    """The names to announce now: the list itself, or what the callable returns."""
+    return list(models() if callable(models) else models)
+
+
 async def cancel(task: asyncio.Task | None) -> None:
     """Cancel a background task and wait until it has ended."""
     if task is not None:
@@ -30,14 +43,15 @@ async def cancel(task: asyncio.Task | None) -> None:
 
 
 class Registration:
-    def __init__(self, manager_url: str, name: str, kind: str, host: str, port: int, models: list[str]):
+    def __init__(self, manager_url: str, name: str, kind: str, host: str, port: int, models: ModelNames):
         self.client = httpx.AsyncClient(base_url=manager_url, timeout=10)
+        self.models = models
         self.body = {
             "name": name,
             "kind": kind,
             "host": host,
             "port": port,
-            "models": models,
+            "models": model_names(models),
             "instance_id": instance_id(name, host, port),
         }
         self.registered = asyncio.Event()
@@ -59,6 +73,7 @@ class Registration:
         backoff = 0.1
         while True:
             try:
+                self.body["models"] = model_names(self.models)
                 response = await self.client.post("/api/v1/runtimes", json=self.body)
                 if response.status_code == 201:
                     self.registered.set()

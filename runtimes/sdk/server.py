@@ -4,6 +4,29 @@ Built on the stubs tritonclient ships, so Triton's own client, MLServer's and ou
 all speak to it. Inputs arrive raw (``raw_input_contents``) or typed; outputs always
 leave raw. Errors map to gRPC status codes: unknown model NOT_FOUND, bad input
 INVALID_ARGUMENT, a failing model INTERNAL with the model's message.
+
+The models are a ``models.ModelSet``: several versions per name, the highest loaded
+one the default. A request with an empty version gets the default; with a version,
+exactly that one, or NOT_FOUND naming the versions loaded (ModelReady answers
+``ready: false`` instead, as Triton does, so ``is_model_ready`` stays a yes/no).
+
+The model-repository extension, exactly as tritonclient's ``load_model`` /
+``unload_model`` / ``get_model_repository_index`` call it:
+
+* ``RepositoryModelLoad``: the string parameter ``version`` picks the version
+  (default: the repository's latest); the model is fetched from the repository and
+  built off the event loop while requests keep being served. Already loaded: success,
+  nothing done. The repository lacks it: NOT_FOUND; the repository is unreachable:
+  UNAVAILABLE; the loader refuses it: INVALID_ARGUMENT with the reason. Triton's
+  override parameters (``config``, ``file:<path>``) are refused with INVALID_ARGUMENT;
+  other parameters are ignored.
+* ``RepositoryModelUnload``: ``version`` unloads that version, else every version of
+  the name; unknown: NOT_FOUND. Calls already running on an unloaded model finish.
+* ``RepositoryIndex``: every loaded (name, version), READY; with ``ready: false`` also
+  the repository's versions that are not loaded, UNAVAILABLE, reason "not loaded".
+
+Metrics are labelled by model name only for models loaded when the call arrives;
+any other name counts as "unknown", so clients cannot grow the series.
 """
 
 from __future__ import annotations
@@ -17,24 +40,40 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from runtimes.sdk import metrics
 from runtimes.sdk.model import Model
+from runtimes.sdk.models import ModelLoadFailed, ModelNotFound, ModelSet, NoRepository
+from sluice.versions import version_key
+from runtimes.sdk.repository import ModelNotInRepository, RepositoryUnavailable
 from sluice.tensors import TensorError, fill_response, request_inputs
 from sluice.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
+def _tensors(specs) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+    return [pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in specs]
+
+
+def _version_param(parameters) -> str:
+    """The ``version`` parameter (a string; an int64 is taken too), "" when absent."""
+    if "version" not in parameters:
+        return ""
+    param = parameters["version"]
+    kind = param.WhichOneof("parameter_choice")
+    if kind == "string_param":
+        return param.string_param
+    if kind == "int64_param":
+        return str(param.int64_param)
+    raise ValueError(f"parameter 'version' must be a string, not {kind or 'empty'}")
+
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, name: str, kind: str, models: dict[str, Model], tracing: Tracing | None = None):
+    def __init__(self, name: str, kind: str, models: ModelSet | dict[str, Model], tracing: Tracing | None = None):
         self.name = name
         self.kind = kind
-        self.models = models
+        self.models = models if isinstance(models, ModelSet) else ModelSet(models)
         self.tracing = tracing or Tracing(kind, None)
 
-    def _model(self, name: str, version: str, context) -> Model | None:
-        model = self.models.get(name)
-        if model is None or (version and version != model.version):
-            return None
-        return model
+    async def _not_found(self, context, exc: ModelNotFound) -> None:
+        await context.abort(grpc.StatusCode.NOT_FOUND, f"runtime {self.name!r}: {exc.message}")
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -46,31 +85,93 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name=f"sluice-{self.kind}", version="0.1.0", extensions=["model_repository"])
 
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self._model(request.name, request.version, context) is not None)
+        try:
+            self.models.get(request.name, request.version)
+        except ModelNotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
 
     async def ModelMetadata(self, request, context):
-        model = self._model(request.name, request.version, context)
-        if model is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"runtime {self.name!r} serves no model {request.name!r} {request.version}".strip())
+        try:
+            model = self.models.get(request.name, request.version)
+        except ModelNotFound as exc:
+            await self._not_found(context, exc)
         return pb.ModelMetadataResponse(
             name=model.name,
-            versions=[model.version],
+            versions=self.models.versions(model.name),
             platform=model.platform,
-            inputs=[pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.inputs],
-            outputs=[pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.outputs],
+            inputs=_tensors(model.inputs),
+            outputs=_tensors(model.outputs),
         )
 
+    # --- the model-repository extension
+
     async def RepositoryIndex(self, request, context):
-        return pb.RepositoryIndexResponse(
-            models=[
-                pb.RepositoryIndexResponse.ModelIndex(name=m.name, version=m.version, state="READY")
-                for m in self.models.values()
-            ]
-        )
+        index = [
+            pb.RepositoryIndexResponse.ModelIndex(name=m.name, version=m.version, state="READY")
+            for m in self.models.models()
+        ]
+        if not request.ready and self.models.repository is not None:
+            try:
+                listed = await self.models.repository.models()
+                available = [(str(entry["name"]), str(v)) for entry in listed for v in entry.get("versions", [])]
+            except Exception as exc:  # unreachable, or an answer we cannot read: the loaded ones only
+                log.warning("repository index: cannot list the repository's models: %s", exc)
+                available = []
+            available.sort(key=lambda nv: (nv[0], version_key(nv[1])))
+            index.extend(
+                pb.RepositoryIndexResponse.ModelIndex(name=name, version=version, state="UNAVAILABLE", reason="not loaded")
+                for name, version in available
+                if not self.models.loaded(name, version)
+            )
+        return pb.RepositoryIndexResponse(models=index)
+
+    async def RepositoryModelLoad(self, request, context):
+        name = request.model_name
+        overrides = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
+        if overrides:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"runtime {self.name!r} does not support load parameters {overrides}: "
+                "models are loaded from the model repository only (no override config or files)",
+            )
+        try:
+            version = _version_param(request.parameters)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            model, loaded = await self.models.load(name, version)
+        except ModelNotInRepository as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except RepositoryUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except NoRepository as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"runtime {self.name!r}: {exc}")
+        except ModelLoadFailed as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # anything else (a repository answer we cannot use); logged by the set
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"failed to load {name!r}{f' version {version}' if version else ''}: {exc}")
+        if not loaded:
+            log.info("load %s version %s: already loaded", model.name, model.version)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        try:
+            version = _version_param(request.parameters)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            await self.models.remove(request.model_name, version)
+        except ModelNotFound as exc:
+            await self._not_found(context, exc)
+        return pb.RepositoryModelUnloadResponse()
+
+    # --- inference
 
     async def ModelInfer(self, request, context):
         started = time.perf_counter()
         status = "OK"
+        label = metrics.model_label(request.model_name, self.models)
         try:
             if not self.tracing.enabled:
                 return await self._infer(request, context)
@@ -87,13 +188,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             status = getattr(context.code(), "name", "ERROR")  # the code context.abort() set
             raise
         finally:
-            metrics.inferences(request.model_name, status).inc()
-            metrics.inference_seconds(request.model_name).observe(time.perf_counter() - started)
+            metrics.inferences(label, status).inc()
+            metrics.inference_seconds(label).observe(time.perf_counter() - started)
 
     async def _infer(self, request, context):
-        model = self._model(request.model_name, request.model_version, context)
-        if model is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"runtime {self.name!r} serves no model {request.model_name!r}")
+        try:
+            with self.models.use(request.model_name, request.model_version) as model:
+                return await self._run(model, request, context)
+        except ModelNotFound as exc:
+            await self._not_found(context, exc)
+
+    async def _run(self, model: Model, request, context):
         try:
             inputs = request_inputs(request)
             _check_inputs(model, inputs)
