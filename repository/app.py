@@ -1,32 +1,52 @@
-"""The repository's HTTP API: ``/models``, ``/metadata/<m>``, ``/files/<m>``, ``/download/<m>/<file>``.
+"""The repository's HTTP API.
 
-Every endpoint takes ``?version=`` (default: the latest version).
+Reading (every endpoint takes ``?version=``, default: the latest version):
+``/models`` (``?detail=true``: every model in full), ``/models/<m>`` (one model in
+full: versions, signatures, files with digests), ``/metadata/<m>``, ``/files/<m>``,
+``/download/<m>/<file>``.
+
+Writing: ``POST /models/<m>`` uploads a new, immutable version (``repository.upload``);
+``DELETE /models/<m>[?version=V]`` removes the model or one version
+(``repository.delete``). File work (unpacking, hashing, removing) runs in worker
+threads, never on the event loop. Every error is the project's JSON error shape.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+import asyncio
 from pathlib import Path
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse
 
+from repository import views
 from repository.catalog import Catalog, ModelEntry, PathRefused
-from sluice.files import sha256_file
+from repository.delete import delete
+from repository.schemas import ModelOut, UploadedOut, errors
 from repository.settings import RepositorySettings
+from repository.staging import ModelLocks
+from repository.upload import MULTIPART, TAR_TYPES, Uploader
 from sluice.errors import ApiError, install_error_handlers
 from sluice.metrics import mount_metrics
 
-
-@lru_cache(maxsize=4096)
-def _digest(path: Path, mtime_ns: int, size: int) -> str:
-    """SHA-256 of a file, computed once per (path, mtime, size): listings repeat, files rarely change."""
-    return sha256_file(path)
-
-
-def _describe(path: Path, relative: Path) -> dict:
-    stat = path.stat()
-    return {"path": relative.as_posix(), "size": stat.st_size, "sha256": _digest(path, stat.st_mtime_ns, stat.st_size)}
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "the version's files: a tar archive (gzip-compressed or not) whose members are paths relative "
+        "to the version, or a multipart form of `files` parts whose filenames are those paths",
+        "content": {
+            MULTIPART: {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            },
+            **{t: _BINARY for t in TAR_TYPES},
+        },
+    }
+}
 
 
 def _entry(catalog: Catalog, model: str, version: str | None) -> tuple[ModelEntry, str]:
@@ -42,7 +62,12 @@ def _entry(catalog: Catalog, model: str, version: str | None) -> tuple[ModelEntr
 def create(settings: RepositorySettings, base_dir: Path | None = None) -> FastAPI:
     base = base_dir or Path.cwd()
     roots = [(base / r).resolve() for r in settings.roots.split(":") if r]
+    upload_root = (base / settings.upload_root).resolve() if settings.upload_root else (roots[0] if roots else None)
+    if upload_root is not None and upload_root not in roots:
+        roots.append(upload_root)  # what is uploaded must be served
     catalog = Catalog(roots)
+    locks = ModelLocks()
+    uploader = Uploader(catalog, upload_root, settings, locks)
     app = FastAPI(title="Sluice model repository", version="0.1.0")
     app.state.catalog = catalog
     install_error_handlers(app)
@@ -52,11 +77,52 @@ def create(settings: RepositorySettings, base_dir: Path | None = None) -> FastAP
         return {"status": "ok", "models": len(catalog.models())}
 
     @app.get("/models", tags=["models"])
-    async def models() -> list[dict]:
-        return [
-            {"name": e.name, "framework": e.framework, "versions": list(e.versions), "latest": e.latest}
-            for e in sorted(catalog.scan().values(), key=lambda e: e.name)
-        ]
+    async def models(
+        detail: bool = Query(False, description="every model in full (versions, signatures, file digests), as GET /models/{name}"),
+    ) -> list[dict]:
+        def listing() -> list[dict]:
+            entries = sorted(catalog.scan().values(), key=lambda e: e.name)
+            return [views.detail(e) if detail else views.summary(e) for e in entries]
+
+        return await asyncio.to_thread(listing)
+
+    @app.get("/models/{name}", tags=["models"], response_model=ModelOut, responses=errors(e404="no such model"))
+    async def model(name: str) -> dict:
+        """One model in full: every version's framework, inputs, outputs and files (with SHA-256)."""
+        entry, _ = _entry(catalog, name, None)
+        return await asyncio.to_thread(views.detail, entry)
+
+    @app.post(
+        "/models/{name}",
+        tags=["models"],
+        status_code=201,
+        response_model=UploadedOut,
+        openapi_extra=_UPLOAD_BODY,
+        responses=errors(
+            e400="`bad_archive`: not a valid tar/tar.gz/multipart body; `bad_path`: a member path that is absolute, "
+            "has `..`, a backslash or NUL, is empty or a duplicate, or a tar member that is not a regular file or directory",
+            e409="`layout_conflict`: the model exists in the other layout; `config_conflict`: a Triton model's "
+            "config.pbtxt differs from the upload's",
+            e413="`too_large`: the body, the number of files or the unpacked size is over the repository's limits",
+            e415="the body is neither a tar (application/gzip, application/x-gzip, application/x-tar, application/x-gtar, "
+            "application/octet-stream) nor multipart/form-data",
+            e422="`bad_name`: not a model name; `bad_manifest`: no (or both) model.json / config.pbtxt, or a broken one",
+        ),
+    )
+    async def upload(name: str, request: Request) -> dict:
+        """Upload a new version of a model (a new model, or a new version of one).
+
+        Versions are immutable and numbered by the repository: 1 + the highest version
+        present. `model.json` at the top makes a Sluice-layout model; `config.pbtxt` a
+        Triton-layout one (the config is the model's; every other file is the version's)."""
+        return await uploader.upload(name, request)
+
+    @app.delete("/models/{name}", tags=["models"], status_code=204, response_class=Response,
+                responses=errors(e404="no such model or version"))
+    async def remove(name: str, version: str | None = Query(None, description="one version; all versions when absent")) -> Response:
+        """Delete a model (every version) or one version; deleting the last version removes the model."""
+        await asyncio.to_thread(delete, catalog, locks, name, version)
+        return Response(status_code=204)
 
     @app.get("/metadata/{model}", tags=["models"])
     async def metadata(model: str, version: str | None = Query(None)) -> dict:
@@ -77,12 +143,7 @@ def create(settings: RepositorySettings, base_dir: Path | None = None) -> FastAP
     @app.get("/files/{model}", tags=["models"])
     async def files(model: str, version: str | None = Query(None)) -> dict:
         entry, version = _entry(catalog, model, version)
-        base = entry.base(version)
-        return {
-            "name": entry.name,
-            "version": version,
-            "files": [_describe(base / p, p) for p in entry.files(version)],
-        }
+        return {"name": entry.name, "version": version, "files": await asyncio.to_thread(views.files, entry, version)}
 
     @app.get("/download/{model}/{file:path}", tags=["models"])
     async def download(model: str, file: str, request: Request, version: str | None = Query(None)) -> FileResponse:

@@ -11,6 +11,11 @@ Two layouts are recognised:
 
 Every file path handed out or accepted is checked to stay inside its model's
 directory: ``..`` segments, absolute paths and symlinks that lead outside are refused.
+
+Dot-directories (``.staging``, where uploads and deletes are prepared, and any other)
+are never models and never versions. ``get(name)`` looks at the disk every time, so
+an upload or a delete (or a model trained after start-up) shows at once; ``scan()``
+walks every root (``/models``) and ``models()`` is the last scan's list.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from sluice.versions import version_key
 
 
 class PathRefused(ValueError):
@@ -73,8 +80,15 @@ def _inside(path: Path, base: Path) -> bool:
         return False
 
 
-def _version_key(v: str) -> tuple[int, int | str]:
-    return (0, int(v)) if v.isdigit() else (1, v)
+def _numeric(name: str) -> bool:
+    return name.isascii() and name.isdigit()
+
+
+
+
+def _visible_dirs(directory: Path) -> list[Path]:
+    """Subdirectories, dot-directories (``.staging``) left out."""
+    return sorted(p for p in directory.iterdir() if not p.name.startswith(".") and p.is_dir())
 
 
 class Catalog:
@@ -87,10 +101,12 @@ class Catalog:
     def scan(self) -> dict[str, ModelEntry]:
         found: dict[str, ModelEntry] = {}
         for root in self.roots:
-            if not root.is_dir():
+            try:
+                directories = _visible_dirs(root) if root.is_dir() else []
+            except OSError:
                 continue
-            for directory in sorted(p for p in root.iterdir() if p.is_dir()):
-                entry = _entry(directory)
+            for directory in directories:
+                entry = _read_entry(directory)
                 if entry is not None and entry.name not in found:
                     found[entry.name] = entry
         with self._lock:
@@ -101,25 +117,50 @@ class Catalog:
         return list(self._models.values())
 
     def get(self, name: str) -> ModelEntry | None:
-        entry = self._models.get(name)
-        if entry is None:  # a model trained after start-up
-            entry = self.scan().get(name)
+        """The model as it is on disk now (the first root that has it), or None."""
+        if not name or name.startswith(".") or "/" in name or "\\" in name or "\x00" in name:
+            return None
+        for root in self.roots:
+            entry = _read_entry(root / name)
+            if entry is not None:
+                return entry
+        return None
+
+    def refresh(self, name: str) -> ModelEntry | None:
+        """Re-read one model after a change to it, so ``models()`` agrees with the disk."""
+        entry = self.get(name)
+        with self._lock:
+            models = dict(self._models)
+            if entry is None:
+                models.pop(name, None)
+            else:
+                models[name] = entry
+            self._models = models
         return entry
+
+
+def _read_entry(directory: Path) -> ModelEntry | None:
+    try:
+        return _entry(directory) if directory.is_dir() else None
+    except OSError:  # renamed away (deleted) while it was read, or a name the filesystem refuses
+        return None
 
 
 def _entry(directory: Path) -> ModelEntry | None:
     if (directory / "config.pbtxt").is_file():
-        versions = sorted((p.name for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), key=_version_key)
+        versions = sorted((p.name for p in _visible_dirs(directory) if _numeric(p.name)), key=version_key)
         return ModelEntry(directory.name, "triton", directory, tuple(versions)) if versions else None
     manifests: dict[str, dict[str, Any]] = {}
-    for version_dir in directory.iterdir():
+    for version_dir in _visible_dirs(directory):
         manifest = version_dir / "model.json"
-        if version_dir.is_dir() and manifest.is_file():
+        if manifest.is_file():
             try:
-                manifests[version_dir.name] = json.loads(manifest.read_text())
-            except (OSError, json.JSONDecodeError):
+                loaded = json.loads(manifest.read_text())
+            except (OSError, ValueError, RecursionError):
                 continue  # a half-written or broken manifest is not a model yet
+            if isinstance(loaded, dict):
+                manifests[version_dir.name] = loaded
     if not manifests:
         return None
-    versions = tuple(sorted(manifests, key=_version_key))
+    versions = tuple(sorted(manifests, key=version_key))
     return ModelEntry(directory.name, "sluice", directory, versions, manifests)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 
 
 def version_key(version: str) -> tuple[int, int, str]:
-    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+    return (0, int(version), "") if version.isascii() and version.isdigit() else (1, 0, version)
 
 
 def latest(versions: Iterable[str]) -> str | None:
