@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.mesh_latency import measure  # noqa: E402
 from models.listings import DEMO_RECORDS, listing_pairs  # noqa: E402
+from runtimes.scikit.transformers import COLUMNS  # noqa: E402
 from sluice.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
 
 PM = ["serving-customscikit/pm_scikit", "serving-localml-spark/pm_spark"]
-COLUMNS = ("title_1", "specifics_1", "title_2", "specifics_2")
 
 
 async def run(requests: int) -> None:

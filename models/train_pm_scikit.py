@@ -1,7 +1,10 @@
 """Trains ``pm_scikit``: the product-matching featurizer (scikit-learn, custom transformer).
 
-Inputs are the two listings' titles and item specifics (four BYTES columns); the
-output ``features`` (FP64 [-1, 6]) feeds the Spark classifier ``pm_spark``.
+Inputs are the seed demo's record fields, ``Title1, ItemSpecifics1, Title2,
+ItemSpecifics2`` (BYTES [-1] each; item specifics as ``'Key': ' value'; ...``); the
+output ``features`` (FP64 [-1, len(FEATURE_NAMES)]) feeds the Spark classifier
+``pm_spark``. Fitting learns the TF-IDF vocabulary from the synthetic listings of
+``models.listings``.
 """
 
 from __future__ import annotations

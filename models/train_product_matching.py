@@ -9,12 +9,18 @@ The fit is deterministic: one partition, a fixed row order, L-BFGS with fixed
 iterations and tolerance (logistic regression draws no random numbers), so the
 same features and labels give the same coefficients.
 
+``model.json`` also records ``training_fingerprint``, a hash of the training features,
+labels and hyper-parameters (``training_fingerprint()``): ``models.build`` retrains
+when the featurizer's output (or the training data) no longer matches it.
+
 It uses the process's SparkSession if there is one, else starts a local one and stops
 it when done.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +28,18 @@ import numpy as np
 from models.manifest import tensor, write_manifest
 
 PIPELINE_DIR = "pipeline"
+LOGISTIC_REGRESSION = {"maxIter": 100, "tol": 1e-9, "regParam": 0.01}
+
+
+def training_fingerprint(features: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of what the fit sees: features (rounded to 1e-9, so last-bit float noise
+    across machines does not count as a change), labels and hyper-parameters."""
+    x = np.round(np.asarray(features, dtype=np.float64), 9) + 0.0  # + 0.0 turns -0.0 into 0.0
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    digest = hashlib.sha256(json.dumps({"shape": list(x.shape), "lr": LOGISTIC_REGRESSION}, sort_keys=True).encode())
+    digest.update(np.ascontiguousarray(x).tobytes())
+    digest.update(np.ascontiguousarray(y).tobytes())
+    return digest.hexdigest()
 
 
 def train_pm_spark(features: np.ndarray, labels: np.ndarray, out_dir: Path) -> Path:
@@ -55,7 +73,7 @@ def train_pm_spark(features: np.ndarray, labels: np.ndarray, out_dir: Path) -> P
         pipeline = Pipeline(
             stages=[
                 StandardScaler(inputCol="features", outputCol="scaled", withMean=True, withStd=True),
-                LogisticRegression(featuresCol="scaled", labelCol="label", maxIter=100, tol=1e-9, regParam=0.01),
+                LogisticRegression(featuresCol="scaled", labelCol="label", **LOGISTIC_REGRESSION),
             ]
         )
         pipeline.fit(df).write().overwrite().save(str(out_dir / PIPELINE_DIR))
@@ -67,5 +85,6 @@ def train_pm_spark(features: np.ndarray, labels: np.ndarray, out_dir: Path) -> P
         "spark",
         inputs=[tensor("features", "FP64", [-1, x.shape[1]])],
         outputs=[tensor("prediction", "FP64", [-1]), tensor("probability", "FP64", [-1, 2])],
+        training_fingerprint=training_fingerprint(x, y),
     )
     return out_dir

@@ -1,9 +1,13 @@
 """The seed's product-matching demo, verbatim, and a three-framework pipeline
 (scikit-learn -> Spark ML -> Triton fallback) checked against the three models run
-in-process (real pyspark for the Spark stage)."""
+in-process (real pyspark for the Spark stage).
+
+The demo's two requests are sent byte for byte as published (``demo.sh``): the pipeline
+body and the records body below are its two ``-d`` arguments."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import httpx
@@ -13,15 +17,15 @@ import onnxruntime as ort
 import pytest
 
 from models.listings import DEMO_RECORDS
+from runtimes.scikit.transformers import COLUMNS
 from sluice.mesh import LocalMesh, MeshPorts, RuntimeSpec
 from tests.conftest import ROOT, STORE
 
 pytestmark = pytest.mark.e2e
-SEED_PIPELINE = {
-    "name": "endpointML",
-    "transportType": "http",
-    "chain": ["serving-customscikit/pm_scikit", "serving-localml-spark/pm_spark"],
-}
+# The seed's two request bodies, verbatim (demo.sh's -d arguments).
+PUBLISHED_PIPELINE = '{"name":"endpointML","transportType":"http", "chain":["serving-customscikit/pm_scikit","serving-localml-spark/pm_spark"]}'
+PUBLISHED_RECORDS = """[{"Title1":"Apple iPhone 5 - 32GB - White & Silver (Verizon) Smartphone","ItemSpecifics1":"'Brand': ' Apple'; 'Style': ' Bar'; 'Processor': ' Dual Core'; 'Camera Resolution': ' 8.0MP'; 'Color': ' Silver'; 'Lock Status': ' Network Locked'; 'Network': ' Verizon'; 'Model': ' iPhone 5'; 'Storage Capacity': ' 32GB'; 'Cosmetic condition': ' Excellent'; 'Screen Size': ' 4''; 'No accessories': ' Yes'; 'UPC': ' 492550400162'","Title2":"Aquarium Fish Tank Vacuum Gravel Cleaner Water Siphon Pump Filter","ItemSpecifics2":"'Brand': ' Unbranded'; 'EAN': ' 4894462250013'; 'MPN': ' Does not apply'; 'ISBN': ' 4894462250013'; 'UPC': ' 4894462250013'; 'Designer/Brand': ' Unbranded'"},{"Title1":"Apple iPhone 5 - 32GB - White & Silver (Verizon) Smartphone","ItemSpecifics1":"'Brand': ' Apple'; 'Style': ' Bar'; 'Processor': ' Dual Core'; 'Camera Resolution': ' 8.0MP'; 'Color': ' Silver'; 'Lock Status': ' Network Locked'; 'Network': ' Verizon'; 'Model': ' iPhone 5'; 'Storage Capacity': ' 32GB'; 'Cosmetic condition': ' Excellent'; 'Screen Size': ' 4''; 'No accessories': ' Yes'; 'UPC': ' 492550400162'","Title2":"Apple iPhone 5 - 32GB - White & Silver (Verizon) Smartphone","ItemSpecifics2":"'Brand': ' Apple'; 'Style': ' Bar'; 'Processor': ' Dual Core'; 'Camera Resolution': ' 8.0MP'; 'Color': ' Silver'; 'Lock Status': ' Network Locked'; 'Network': ' Verizon'; 'Model': ' iPhone 5'; 'Storage Capacity': ' 32GB'; 'Cosmetic condition': ' Excellent'; 'Screen Size': ' 4''; 'No accessories': ' Yes'; 'UPC': ' 492550400162'"}]"""
+PUBLISHED_RECORDS_SHA256 = "17504a8d10a42aca0afb5e8d6e59666921d961ad974be2b88a1dd19087b3780c"
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +44,29 @@ def pm_mesh(tmp_path_factory, model_store):
 
 
 def test_seed_demo_verbatim(pm_mesh):
+    assert hashlib.sha256(PUBLISHED_RECORDS.encode()).hexdigest() == PUBLISHED_RECORDS_SHA256
+    assert json.loads(PUBLISHED_RECORDS) == DEMO_RECORDS
     # the seed's two curl commands: create the pipeline, then serve the two records
     created = httpx.post(
         f"{pm_mesh.manager_url}/api/v1/pipelines",
-        content=json.dumps(SEED_PIPELINE),
-        headers={"content-type": "application/json"},
+        content=PUBLISHED_PIPELINE.encode(),
+        headers={"Content-Type": "application/json"},
         timeout=10,
     )
     assert created.status_code == 201, created.text
-    served = httpx.post(f"{pm_mesh.gateway_url}/api/v1/serve/endpointML", content=json.dumps(DEMO_RECORDS), timeout=10)
+    served = httpx.post(
+        f"{pm_mesh.gateway_url}/api/v1/serve/endpointML",
+        content=PUBLISHED_RECORDS.encode(),
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
     assert served.status_code == 200, served.text
     answer = served.json()
-    assert [r["prediction"] for r in answer] == [0.0, 1.0]
+    assert [r["prediction"] for r in answer] == [0.0, 1.0]  # iPhone vs aquarium vacuum; iPhone vs itself
     for record in answer:
+        assert set(record) == {"prediction", "probability"}
         assert len(record["probability"]) == 2 and abs(sum(record["probability"]) - 1) < 1e-9
+    assert answer[0]["probability"][0] > 0.99 and answer[1]["probability"][1] > 0.99
     runtimes = {r["name"]: r for r in httpx.get(f"{pm_mesh.manager_url}/api/v1/runtimes", timeout=5).json()}
     assert runtimes["serving-localml-spark"]["models"][0]["platform"] == "spark-native"
 
@@ -75,8 +88,7 @@ def in_process(records: list[dict], spark) -> tuple[np.ndarray, np.ndarray, np.n
     from pyspark.ml import PipelineModel
     from pyspark.ml.linalg import Vectors
 
-    columns = ("title_1", "specifics_1", "title_2", "specifics_2")
-    X = np.array([[r[c] for c in columns] for r in records], dtype=object)
+    X = np.array([[r[c] for c in COLUMNS] for r in records], dtype=object)
     features = joblib.load(STORE / "pm_scikit" / "1" / "model.joblib").transform(X)
     model = PipelineModel.load(str(STORE / "pm_spark" / "1" / "pipeline"))
     frame = spark.createDataFrame([(Vectors.dense(row.tolist()),) for row in features], ["features"])
@@ -96,7 +108,7 @@ def test_three_frameworks_scikit_spark_triton(pm_mesh, spark):
     from models.listings import listing_pairs
 
     pairs, _ = listing_pairs(n=24, seed=11)
-    records = [dict(zip(("title_1", "specifics_1", "title_2", "specifics_2"), map(str, row))) for row in pairs]
+    records = [dict(zip(COLUMNS, map(str, row))) for row in pairs]
     response = httpx.post(f"{pm_mesh.gateway_url}/serve/risk", json=records + DEMO_RECORDS, timeout=10)
     assert response.status_code == 200, response.text
     risk = np.array([r["risk"] for r in response.json()])
