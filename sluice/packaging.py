@@ -55,7 +55,7 @@ class Package:
 
     def archive(self, target: Path) -> Path:
         """Pack the version's files, paths relative to the version, as tar.gz."""
-        with tarfile.open(target, "w:gz") as tar:
+        with tarfile.open(target, "w:gz", compresslevel=1) as tar:  # artifacts are mostly incompressible
             for path in sorted(self.directory.rglob("*")):
                 if path.is_file():
                     tar.add(path, arcname=path.relative_to(self.directory).as_posix(), recursive=False)
