@@ -5,7 +5,8 @@
 #
 # Required: NODE_ID SERVICE ROLE INGRESS_PORT SERVICE_PORT XDS_HOST
 # Optional: PROTOCOL (http) EGRESS_PORT (0) GRPC_PORT (0) ADMIN_ADDRESS (127.0.0.1)
-#           ADMIN_PORT (9901) XDS_PORT (18000) ENVOY_LOG_LEVEL (warning)
+#           ADMIN_PORT (9901) XDS_PORT (18000) XDS_API (DELTA_GRPC, or GRPC for state of the world)
+#           ENVOY_LOG_LEVEL (warning)
 #           ENVOY_CONCURRENCY (1) ENVOY_TEMPLATE ENVOY_CONFIG (paths)
 # Extra arguments go to Envoy (e.g. --mode validate).
 set -eu
@@ -15,10 +16,11 @@ set -eu
 export NODE_ID SERVICE ROLE INGRESS_PORT SERVICE_PORT XDS_HOST
 export PROTOCOL="${PROTOCOL:-http}" EGRESS_PORT="${EGRESS_PORT:-0}" GRPC_PORT="${GRPC_PORT:-0}"
 export ADMIN_ADDRESS="${ADMIN_ADDRESS:-127.0.0.1}" ADMIN_PORT="${ADMIN_PORT:-9901}" XDS_PORT="${XDS_PORT:-18000}"
+export XDS_API="${XDS_API:-DELTA_GRPC}"
 
 template="${ENVOY_TEMPLATE:-/etc/envoy/bootstrap.yaml}"
 config="${ENVOY_CONFIG:-/tmp/envoy.yaml}"
-vars='${NODE_ID} ${SERVICE} ${ROLE} ${PROTOCOL} ${INGRESS_PORT} ${SERVICE_PORT} ${EGRESS_PORT} ${GRPC_PORT} ${ADMIN_ADDRESS} ${ADMIN_PORT} ${XDS_HOST} ${XDS_PORT}'
+vars='${NODE_ID} ${SERVICE} ${ROLE} ${PROTOCOL} ${INGRESS_PORT} ${SERVICE_PORT} ${EGRESS_PORT} ${GRPC_PORT} ${ADMIN_ADDRESS} ${ADMIN_PORT} ${XDS_HOST} ${XDS_PORT} ${XDS_API}'
 envsubst "$vars" <"$template" >"$config"
 
 exec envoy -c "$config" \

@@ -13,6 +13,7 @@ from gateway.codec import decode_outputs, encode_inputs, parse_records
 from gateway.executor import StageFailed
 from sluice.errors import ApiError, error_response
 from sluice.tensors import TensorError
+from sluice.wire import REVISION_HEADER
 
 router = APIRouter()
 
@@ -68,7 +69,7 @@ async def _run(pipeline, request: Request) -> Response:
     return Response(
         body,
         media_type="application/json",
-        headers={"x-sluice-revision": str(pipeline.revision)},
+        headers={REVISION_HEADER: str(pipeline.revision)},
     )
 
 

@@ -1,7 +1,8 @@
 """Runs a pipeline: one OIP ModelInfer per stage through the sidecar's egress.
 
-The gateway never knows where a runtime is: each call carries the stage's
-``x-sluice-route`` header and Envoy's route picks the cluster, timeout and retries.
+The gateway never knows where a runtime is: each call carries the stage's route
+header (``sluice.wire.ROUTE_HEADER``) and Envoy's route picks the cluster, timeout
+and retries.
 Between stages the tensors stay raw bytes: a stage's output bytes become the next
 stage's input bytes as they are, never decoded or re-encoded in Python.
 """
@@ -20,13 +21,14 @@ from gateway import metrics
 from gateway.pipelines import CompiledPipeline, CompiledStage, PipelineTable
 from sluice.tensors import TensorError, raw_outputs
 from sluice.tracing import Tracing
+from sluice.wire import UNROUTED
 
 RawTensor = tuple[str, list[int], bytes]  # (datatype, shape, raw bytes)
 
 # Envoy acknowledges a route update on its main thread a moment before its worker
 # threads hold it. A call in that window meets the fallback route (it reached no
-# runtime), so it is retried a few times with a short back-off: at most ~60 ms.
-UNROUTED = "sluice: no route for this stage"
+# runtime: its answer is UNROUTED), so it is retried a few times with a short
+# back-off: at most ~60 ms.
 UNROUTED_RETRIES = 5
 
 # gRPC status -> (HTTP status, error code) for a failed stage

@@ -1,12 +1,17 @@
 """The pipelines this gateway serves, kept current by the manager's watch stream.
 
-``PipelineTable`` is swapped whole on every update (readers never see a half-made
-set). ``watch_pipelines`` holds the stream open, applies each set, acknowledges its
-version, and reconnects with back-off if the manager goes away; meanwhile the last
-set keeps being served.
+``watch_pipelines`` holds the stream open and applies each message to the
+``PipelineTable``: the first (``full``) replaces the table, each later one (a delta)
+touches only the pipelines it names, so a change costs the size of the change. It
+acknowledges each version once applied, and on any failure (the manager gone, a
+broken message, a bug) logs it, keeps serving the last table, and reconnects with
+back-off; a new stream starts with the whole set again.
 
-An acknowledgement means "nothing here uses what this set dropped": requests still
-running on a replaced or deleted revision are drained first (bounded by that
+A message is compiled first and then applied without an await in between, so a
+request never sees a half-applied one.
+
+An acknowledgement means "nothing here uses what this message dropped": requests
+still running on a replaced or removed revision are drained first (bounded by that
 revision's stage timeouts), because the manager withdraws the revision's Envoy
 routes as soon as every gateway has acknowledged.
 """
@@ -20,10 +25,18 @@ from dataclasses import dataclass
 
 import grpc
 
+from sluice.plan import PipelinePlan
+from sluice.plan_proto import from_proto
 from sluice.tensors import TensorSpec
 from sluice.v1 import pipeline_pb2, pipeline_pb2_grpc
+from sluice.wire import MODEL_HEADER, PIPELINE_HEADER, ROUTE_HEADER, STAGE_HEADER
 
 log = logging.getLogger(__name__)
+
+BACKOFF_MIN_S = 0.1
+BACKOFF_MAX_S = 2.0
+# a full set of many pipelines, or a bulk apply, is larger than gRPC's 4 MiB default
+MAX_MESSAGE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,30 +71,27 @@ class CompiledPipeline:
         return sum(s.timeout_s for s in self.stages)
 
 
-def compile_pipeline(message: pipeline_pb2.Pipeline, deadline_slack_ms: int) -> CompiledPipeline:
-    stages = []
-    for index, s in enumerate(message.stages):
-        bindings = {b.input: b.source for b in s.bindings}
-        inputs = tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in s.inputs)
-        stages.append(
-            CompiledStage(
-                index=index,
-                name=s.name,
-                model=s.model,
-                version=s.model_version,
-                inputs=inputs,
-                outputs=tuple(TensorSpec(t.name, t.datatype, tuple(t.shape)) for t in s.outputs),
-                sources=tuple(bindings.get(t.name, t.name) for t in inputs),
-                metadata=(
-                    ("x-sluice-route", s.route),
-                    ("x-sluice-pipeline", message.name),
-                    ("x-sluice-stage", str(index)),
-                    ("x-sluice-model", s.model),
-                ),
-                timeout_s=(s.timeout_ms + deadline_slack_ms) / 1000,
-            )
+def compile_pipeline(plan: PipelinePlan, deadline_slack_ms: int) -> CompiledPipeline:
+    stages = tuple(
+        CompiledStage(
+            index=index,
+            name=s.name,
+            model=s.model,
+            version=s.version,
+            inputs=s.inputs,
+            outputs=s.outputs,
+            sources=tuple(s.source_of(t.name) for t in s.inputs),
+            metadata=(
+                (ROUTE_HEADER, s.route),
+                (PIPELINE_HEADER, plan.name),
+                (STAGE_HEADER, str(index)),
+                (MODEL_HEADER, s.model),
+            ),
+            timeout_s=(s.timeout_ms + deadline_slack_ms) / 1000,
         )
-    return CompiledPipeline(message.name, message.revision, tuple(stages))
+        for index, s in enumerate(plan.stages)
+    )
+    return CompiledPipeline(plan.name, plan.revision, stages)
 
 
 class PipelineTable:
@@ -108,13 +118,26 @@ class PipelineTable:
             self._finished.set()
 
     def apply(self, message: pipeline_pb2.PipelineSet, deadline_slack_ms: int) -> list[CompiledPipeline]:
-        """Serve ``message`` from now on; returns the revisions it dropped."""
-        previous = self.pipelines
-        self.pipelines = {p.name: compile_pipeline(p, deadline_slack_ms) for p in message.pipelines}
+        """Serve ``message`` from now on; returns the revisions it replaced or removed."""
+        compiled = [compile_pipeline(from_proto(p), deadline_slack_ms) for p in message.pipelines]
+        # from here on nothing can fail or yield: the change is applied whole
+        if message.full:
+            previous, self.pipelines = self.pipelines, {p.name: p for p in compiled}
+            dropped = [p for p in previous.values() if _replaced(p, self.pipelines.get(p.name))]
+        else:
+            dropped = []
+            for pipeline in compiled:
+                old = self.pipelines.get(pipeline.name)
+                self.pipelines[pipeline.name] = pipeline
+                if _replaced(old, pipeline):
+                    dropped.append(old)
+            for name in message.removed:
+                old = self.pipelines.pop(name, None)
+                if old is not None:
+                    dropped.append(old)
         self.version = message.version
         self.ready.set()
-        live = {p.key for p in self.pipelines.values()}
-        return [p for p in previous.values() if p.key not in live]
+        return dropped
 
     async def drain(self, dropped: list[CompiledPipeline]) -> None:
         """Wait until no request runs on a dropped revision, at most their longest duration."""
@@ -132,26 +155,53 @@ class PipelineTable:
                 pass
 
 
+def _replaced(old: CompiledPipeline | None, new: CompiledPipeline | None) -> bool:
+    return old is not None and (new is None or new.key != old.key)
+
+
 async def watch_pipelines(table: PipelineTable, manager: str, node_id: str, deadline_slack_ms: int) -> None:
-    backoff = 0.1
+    """Keep ``table`` current from the manager at ``manager``, forever (until cancelled)."""
+    backoff = BACKOFF_MIN_S
     while True:
+        still = "still serving %d pipelines (v%s); reconnecting in %.1fs"
         try:
-            async with grpc.aio.insecure_channel(manager) as channel:
-                stub = pipeline_pb2_grpc.PipelineDiscoveryStub(channel)
-                acks: asyncio.Queue[pipeline_pb2.WatchRequest] = asyncio.Queue()
-                acks.put_nowait(pipeline_pb2.WatchRequest(node_id=node_id))
-
-                async def requests():
-                    while True:
-                        yield await acks.get()
-
-                async for pipeline_set in stub.Watch(requests()):
-                    dropped = table.apply(pipeline_set, deadline_slack_ms)
-                    await table.drain(dropped)
-                    log.info("serving %d pipelines (v%s)", len(table.pipelines), pipeline_set.version)
-                    acks.put_nowait(pipeline_pb2.WatchRequest(node_id=node_id, ack_version=pipeline_set.version))
-                    backoff = 0.1
+            async for _ in _watch(table, manager, node_id, deadline_slack_ms):
+                backoff = BACKOFF_MIN_S
+            log.warning("pipeline watch: the manager ended the stream; " + still, len(table.pipelines), table.version, backoff)
         except grpc.aio.AioRpcError as exc:
-            log.warning("pipeline watch: %s; still serving %d pipelines; reconnecting", exc.code().name, len(table.pipelines))
+            log.warning("pipeline watch: %s (%s); " + still, exc.code().name, exc.details(), len(table.pipelines), table.version, backoff)
+        except Exception:  # any failure must end in a reconnect, never in a silently stale table
+            log.exception("pipeline watch failed; " + still, len(table.pipelines), table.version, backoff)
         await asyncio.sleep(backoff)
-        backoff = min(backoff * 2, 2.0)
+        backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+
+async def _watch(table: PipelineTable, manager: str, node_id: str, deadline_slack_ms: int):
+    """One watch stream: applies and acknowledges each message, yields its version."""
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+    async with grpc.aio.insecure_channel(manager, options=options) as channel:
+        stub = pipeline_pb2_grpc.PipelineDiscoveryStub(channel)
+        acks: asyncio.Queue[pipeline_pb2.WatchRequest] = asyncio.Queue()
+        acks.put_nowait(pipeline_pb2.WatchRequest(node_id=node_id))
+
+        async def requests():
+            while True:
+                yield await acks.get()
+
+        connected = False
+        async for message in stub.Watch(requests()):
+            dropped = table.apply(message, deadline_slack_ms)
+            await table.drain(dropped)
+            if message.full:
+                log.info(
+                    "pipeline watch: %s %s; serving %d pipelines (v%s)",
+                    "full set from" if connected else "connected to", manager, len(table.pipelines), message.version,
+                )
+                connected = True
+            else:
+                log.info(
+                    "pipeline watch: v%s: %d created or replaced, %d removed; serving %d pipelines",
+                    message.version, len(message.pipelines), len(message.removed), len(table.pipelines),
+                )
+            acks.put_nowait(pipeline_pb2.WatchRequest(node_id=node_id, ack_version=message.version))
+            yield message.version

@@ -1,14 +1,16 @@
-"""The manager's REST API: pipelines, runtimes (registration and heartbeats), mesh status."""
+"""The manager's REST API: pipelines (one at a time, or a declarative bulk apply),
+runtimes (registration and heartbeats), mesh status."""
 
 from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Request, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 
 from manager.control import ControlPlane
-from manager.registry.embedded import EmbeddedRegistry
 from manager.schemas import (
+    ApplyOut,
+    ApplyRequest,
     InstanceOut,
     ModelOut,
     PipelineOut,
@@ -31,10 +33,10 @@ def _control(request: Request) -> ControlPlane:
 def _pipeline_out(row: PipelineRow) -> PipelineOut:
     return PipelineOut(
         name=row.name,
-        transportType=row.definition.get("transportType", "http"),
+        transportType=row.plan.transport,
         revision=row.revision,
         definition=row.definition,
-        stages=[StageOut(**s) for s in row.stages],
+        stages=[StageOut.of(s) for s in row.plan.stages],
         created_at=row.created_at,
         updated_at=row.updated_at,
     )
@@ -49,6 +51,16 @@ async def list_pipelines(request: Request) -> list[PipelineOut]:
 async def create_pipeline(spec: PipelineSpec, request: Request) -> PipelineOut:
     """Create a pipeline; it is served once Envoy holds its routes."""
     return _pipeline_out(await _control(request).create_pipeline(spec))
+
+
+@router.post("/pipelines:apply", response_model=ApplyOut, tags=["pipelines"])
+async def apply_pipelines(body: ApplyRequest, request: Request, dry_run: bool = Query(False)) -> ApplyOut:
+    """Create or replace every listed pipeline in one change (and with `prune`, delete the
+    ones not listed). Validated as a whole: one bad definition refuses everything with a 422
+    listing every problem. Answers once the whole set is live: routes acknowledged by Envoy
+    and the gateways serving it. `?dry_run=true` answers the diff and changes nothing."""
+    result = await _control(request).apply(body.pipelines, body.prune, dry_run)
+    return ApplyOut(created=result.created, replaced=result.replaced, unchanged=result.unchanged, deleted=result.deleted, dry_run=dry_run)
 
 
 @router.get("/pipelines/{name}", response_model=PipelineOut, tags=["pipelines"])
@@ -88,7 +100,7 @@ async def get_runtime(name: str, request: Request) -> RuntimeOut:
 def _runtime_out(control: ControlPlane, name: str) -> RuntimeOut:
     runtime = control.runtimes[name]
     endpoints = control.registry.endpoints().get(name, [])
-    seen = {i.id: i.last_seen for i in control.registry.instances()} if isinstance(control.registry, EmbeddedRegistry) else {}
+    seen = control.registry.last_seen()
     return RuntimeOut(
         name=name,
         kind=runtime.kind,
@@ -108,16 +120,14 @@ async def register_runtime(reg: RuntimeRegistration, request: Request) -> Regist
 
 @router.put("/runtimes/{name}/instances/{instance_id}/heartbeat", status_code=204, tags=["runtimes"])
 async def heartbeat(name: str, instance_id: str, request: Request) -> Response:
-    registry = _control(request).registry
-    if not isinstance(registry, EmbeddedRegistry) or not registry.heartbeat(instance_id):
+    if not _control(request).registry.heartbeat(instance_id):
         raise ApiError(404, f"no instance {instance_id!r} of runtime {name!r}: register again", "not_registered")
     return Response(status_code=204)
 
 
 @router.delete("/runtimes/{name}/instances/{instance_id}", status_code=204, tags=["runtimes"])
 async def deregister(name: str, instance_id: str, request: Request) -> Response:
-    registry = _control(request).registry
-    if not isinstance(registry, EmbeddedRegistry) or not registry.deregister(instance_id):
+    if not _control(request).registry.deregister(instance_id):
         raise ApiError(404, f"no instance {instance_id!r} of runtime {name!r}", "not_found")
     return Response(status_code=204)
 
@@ -128,18 +138,19 @@ async def mesh(request: Request) -> dict:
     control = _control(request)
     return {
         "gateways": control.feed.gateways,
-        "pushes": control.cache.pushes,
-        "nacks": control.cache.nacks,
+        "pushes": control.xds.pushes,
+        "bytes_sent": control.xds.bytes_sent,
+        "nacks": control.xds.nacks,
         "nodes": {
             node_id: {
                 "role": s.info.role,
                 "service": s.info.service,
                 "connected": s.streams > 0,
-                "versions": {t.rsplit(".", 1)[-1]: v for t, v in s.snapshot.versions.items()},
+                "versions": {t.rsplit(".", 1)[-1]: v for t, v in snapshot.versions.items()} if (snapshot := control.cache.snapshot(node_id)) else {},
                 "acked": {t.rsplit(".", 1)[-1]: v for t, v in s.acked.items()},
                 "nacks": s.nacks,
                 "last_nack": s.last_nack,
             }
-            for node_id, s in sorted(control.cache.nodes().items())
+            for node_id, s in sorted(control.xds.nodes().items())
         },
     }

@@ -61,7 +61,7 @@ def create(settings: ManagerSettings, common: CommonSettings, tracing: Tracing |
     )
 
     server = grpc.aio.server(options=[("grpc.keepalive_time_ms", 30_000)])
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsServicer(control.cache), server)
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsServicer(control.cache, control.xds), server)
     pipeline_pb2_grpc.add_PipelineDiscoveryServicer_to_server(control.feed, server)
     server.add_insecure_port(f"{settings.xds_host}:{settings.xds_port}")
 
@@ -94,6 +94,6 @@ def create(settings: ManagerSettings, common: CommonSettings, tracing: Tracing |
     metrics.register(control)
     mount_metrics(app)
     app.add_middleware(JsonBodyMiddleware, raw_paths=UPLOAD_PATH)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, overrides={UPLOAD_PATH: settings.max_upload_bytes})
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, overrides={UPLOAD_PATH: settings.max_upload_bytes, r"^/api/v1/pipelines:apply$": settings.max_apply_bytes})
     app.add_middleware(TracingMiddleware, tracing=tracing or Tracing("manager", None))
     return app, server, control

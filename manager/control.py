@@ -1,16 +1,21 @@
 """The control plane's state and the order in which changes reach the mesh.
 
-Holds what Envoy routes (``routed``: every live revision of every pipeline) and what
-gateways serve (``served``: one revision per pipeline), and applies each change in
-make-before-break order, waiting for acknowledgements between steps:
+Holds what Envoy routes (``routed``: every live revision of every pipeline, as typed
+plans) and what gateways serve (``served``: one revision per pipeline), and applies
+each change (one pipeline, or a whole bulk apply) in make-before-break order,
+waiting for acknowledgements between steps:
 
-* create:  routes (and clusters) to Envoy -> ACK -> pipeline to gateways -> ACK
-* replace: new revision's routes beside the old -> ACK -> gateways switch -> ACK ->
-           old revision's routes withdrawn
-* delete:  gateways drop it (they answer 404) -> ACK -> routes withdrawn -> store
+1. the new revisions' routes go to Envoy beside the old ones -> every gateway
+   sidecar ACKs;
+2. gateways switch to the new revisions and drop deleted pipelines (they answer 404)
+   -> every gateway ACKs (after draining requests on what it dropped);
+3. the replaced revisions' and deleted pipelines' routes are withdrawn.
 
 A revision's routes carry the revision in their key, so an in-flight request always
-finishes on the routes of the revision it started with.
+finishes on the routes of the revision it started with. Only what a change touches is
+rebuilt and sent: one route scope per pipeline to Envoy (``xds.layers``), one delta to
+gateways (``feed``); finished snapshots are pushed into the passive cache and the
+streams report back through the ``NodeTracker`` callbacks.
 """
 
 from __future__ import annotations
@@ -18,23 +23,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any
+from dataclasses import dataclass, field
 
-from manager.feed import PipelineFeed
 from manager import runtime_models
+from manager.feed import PipelineFeed
 from manager.registry.base import Endpoint, Registry
-from manager.registry.embedded import EmbeddedRegistry
 from manager.resolve import resolve
 from manager.schemas import PipelineSpec, Registered, RuntimeRegistration
 from manager.settings import ManagerSettings
 from manager.signatures import SignatureError, read_signatures
 from manager.store import PipelineRow, RuntimeRow, Store
-from manager.xds.resources import PUSH_ORDER, MeshState, NodeInfo, StageRoute, build_resources
-from manager.xds.snapshot import Snapshot, SnapshotCache
+from manager.xds.layers import MeshLayers
+from manager.xds.resources import PUSH_ORDER, MeshSettings, NodeInfo
+from manager.xds.snapshot import SnapshotCache
+from manager.xds.status import NodeTracker
 from sluice.errors import ApiError
-from sluice.v1 import pipeline_pb2
+from sluice.plan import PipelinePlan
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChangeResult:
+    """What one change did, by pipeline name."""
+
+    created: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    rows: dict[str, PipelineRow] = field(default_factory=dict)
 
 
 class ControlPlane:
@@ -49,90 +66,64 @@ class ControlPlane:
         self.settings = settings
         self.store = store
         self.registry = registry
-        self.zipkin = zipkin
-        self.trace_sample_percent = trace_sample_percent
         self.runtimes: dict[str, RuntimeRow] = {r.name: r for r in store.runtimes()}
-        self.routed: dict[str, list[PipelineRow]] = {}
-        self.served: dict[str, PipelineRow] = {}
-        for row in store.pipelines():
-            self.routed[row.name] = [row]
-            self.served[row.name] = row
-        self.feed = PipelineFeed()
-        self._state = self._mesh_state()
-        self.cache = SnapshotCache(self._snapshot_for)
+        self.served: dict[str, PipelineRow] = {row.name: row for row in store.pipelines()}
+        self.routed: dict[str, list[PipelinePlan]] = {name: [row.plan] for name, row in self.served.items()}
+        self.layers = MeshLayers(
+            MeshSettings(settings.listener_address, settings.stage_retries, zipkin, trace_sample_percent)
+        )
+        self.layers.add_runtimes(set(self.runtimes))
+        self.layers.set_endpoints(self._endpoints())
+        self.layers.set_pipelines(self.routed)
+        self.cache = SnapshotCache()
+        self.xds = NodeTracker(self.cache, self._provide, self.layers.forget)
+        self.feed = PipelineFeed([row.plan for row in self.served.values()])
         self._lock = asyncio.Lock()
-        registry.on_change(self._refresh_envoy)
+        registry.on_change(self._endpoints_changed)
         registry.on_runtime(self._learn_discovered)
 
     async def start(self) -> None:
         await self.registry.start()
-        await self.feed.publish(self._served_protos())
 
     async def stop(self) -> None:
         await self.registry.stop()
 
-    # --- what Envoy and gateways are told
-    def _mesh_state(self) -> MeshState:
-        routes = tuple(
-            StageRoute(
-                key=stage["route"],
-                runtime=stage["runtime"],
-                timeout_ms=stage["timeout_ms"],
-                pipeline=row.name,
-                stage=index,
-                model=stage["model"],
-            )
-            for revisions in self.routed.values()
-            for row in revisions
-            for index, stage in enumerate(row.stages)
-        )
-        endpoints = self.registry.endpoints()
-        return MeshState(
-            runtimes=frozenset(self.runtimes) | {s.runtime for s in routes},
-            endpoints=tuple(
-                (runtime, tuple((e.host, e.port) for e in eps)) for runtime, eps in sorted(endpoints.items())
-            ),
-            routes=routes,
-            listener_address=self.settings.listener_address,
-            stage_retries=self.settings.stage_retries,
-            zipkin=self.zipkin,
-            trace_sample_percent=self.trace_sample_percent,
-        )
+    # --- what Envoy is told
+    def _provide(self, node: NodeInfo) -> None:
+        self.cache.set_snapshot(node.id, self.layers.snapshot_for(node))
 
-    def _snapshot_for(self, node: NodeInfo) -> Snapshot:
-        return Snapshot.of(build_resources(node, self._state))
+    def _push(self) -> None:
+        """Every connected node's snapshot, from the current layers (references, not copies)."""
+        for node_id, status in self.xds.nodes().items():
+            self.cache.set_snapshot(node_id, self.layers.snapshot_for(status.info))
 
-    def _refresh_envoy(self) -> None:
-        self._state = self._mesh_state()
-        self.cache.rebuild()
+    def _endpoints(self) -> dict[str, tuple[tuple[str, int], ...]]:
+        return {runtime: tuple((e.host, e.port) for e in eps) for runtime, eps in self.registry.endpoints().items()}
 
-    async def _envoy_step(self) -> None:
-        self._refresh_envoy()
-        await self.cache.wait_converged("gateway", PUSH_ORDER, self.settings.ack_timeout_s)
+    def _endpoints_changed(self) -> None:
+        self.layers.set_endpoints(self._endpoints())
+        self._push()
 
-    async def _gateway_step(self) -> None:
-        version = await self.feed.publish(self._served_protos())
+    async def _routes_step(self, names: set[str], wait: bool = True) -> None:
+        self.layers.set_pipelines({name: self.routed.get(name, []) for name in names})
+        self._push()
+        if wait:
+            await self.xds.wait_converged("gateway", PUSH_ORDER, self.settings.ack_timeout_s)
+
+    async def _gateway_step(self, upserts: list[PipelinePlan], removed: list[str]) -> None:
+        version = await self.feed.publish(upserts, removed)
         await self.feed.wait_acked(version, self.settings.ack_timeout_s)
 
-    def _served_protos(self) -> list[pipeline_pb2.Pipeline]:
-        return [to_proto(row) for _, row in sorted(self.served.items())]
-
     # --- pipelines
-    def _resolve(self, spec: PipelineSpec, revision: int) -> list[dict[str, Any]]:
+    def _resolve(self, spec: PipelineSpec, revision: int) -> PipelinePlan:
         return resolve(spec, revision, self.runtimes, self.settings.stage_timeout_ms)
 
     async def create_pipeline(self, spec: PipelineSpec) -> PipelineRow:
         async with self._lock:
             if spec.name in self.served:
                 raise ApiError(409, f"pipeline {spec.name!r} already exists", "exists", pipeline=spec.name)
-            stages = self._resolve(spec, 1)
-            row = self.store.put_pipeline(spec.name, 1, spec.model_dump(exclude_none=True), stages)
-            self.routed[spec.name] = [row]
-            await self._envoy_step()
-            self.served[spec.name] = row
-            await self._gateway_step()
-            log.info("pipeline %s created (%d stages)", spec.name, len(stages))
-            return row
+            result = await self._commit([(spec, self._resolve(spec, 1))], [])
+            return result.rows[spec.name]
 
     async def replace_pipeline(self, name: str, spec: PipelineSpec) -> PipelineRow:
         if spec.name != name:
@@ -141,28 +132,85 @@ class ControlPlane:
             old = self.served.get(name)
             if old is None:
                 raise ApiError(404, f"no pipeline {name!r}", "not_found", pipeline=name)
-            revision = old.revision + 1
-            stages = self._resolve(spec, revision)
-            row = self.store.put_pipeline(name, revision, spec.model_dump(exclude_none=True), stages)
-            self.routed[name] = [old, row]
-            await self._envoy_step()
-            self.served[name] = row
-            await self._gateway_step()
-            self.routed[name] = [row]
-            self._refresh_envoy()
-            log.info("pipeline %s replaced (revision %d)", name, revision)
-            return row
+            result = await self._commit([(spec, self._resolve(spec, old.revision + 1))], [])
+            return result.rows[name]
 
     async def delete_pipeline(self, name: str) -> None:
         async with self._lock:
             if name not in self.served:
                 raise ApiError(404, f"no pipeline {name!r}", "not_found", pipeline=name)
+            await self._commit([], [name])
+
+    async def apply(self, specs: list[PipelineSpec], prune: bool, dry_run: bool = False) -> ChangeResult:
+        """Create or replace every listed pipeline (and with ``prune`` delete the others) in
+        one change, validated as a whole: one bad definition refuses all of it."""
+        async with self._lock:
+            problems: list[dict] = []
+            seen: set[str] = set()
+            resolved: list[tuple[PipelineSpec, PipelinePlan]] = []
+            result = ChangeResult()
+            for index, spec in enumerate(specs):
+                if spec.name in seen:
+                    problems.append({"index": index, "pipeline": spec.name, "code": "duplicate", "message": f"pipeline {spec.name!r} is listed twice", "details": {}})
+                    continue
+                seen.add(spec.name)
+                old = self.served.get(spec.name)
+                try:
+                    plan = self._resolve(spec, old.revision + 1 if old else 1)
+                except ApiError as exc:
+                    problems.append({"index": index, "pipeline": spec.name, "code": exc.code, "message": exc.message, "details": exc.details})
+                    continue
+                if old is not None and old.definition == spec.model_dump(exclude_none=True) and plan.at_revision(old.revision) == old.plan:
+                    result.unchanged.append(spec.name)
+                    result.rows[spec.name] = old
+                else:
+                    resolved.append((spec, plan))
+            if problems:
+                raise ApiError(
+                    422, f"{len(problems)} of {len(specs)} definitions are invalid; nothing was changed",
+                    "invalid_apply", problems=problems,
+                )
+            deleted = sorted(set(self.served) - seen) if prune else []
+            if dry_run:
+                for spec, plan in resolved:
+                    (result.replaced if spec.name in self.served else result.created).append(spec.name)
+                result.deleted = deleted
+                return result
+            changed = await self._commit(resolved, deleted)
+            changed.unchanged, changed.rows = result.unchanged, {**result.rows, **changed.rows}
+            return changed
+
+    async def _commit(self, upserts: list[tuple[PipelineSpec, PipelinePlan]], deleted: list[str]) -> ChangeResult:
+        """Make before break, for any mix of creates, replaces and deletes (lock held)."""
+        result = ChangeResult(deleted=list(deleted))
+        plans = [plan for _, plan in upserts]
+        rows = self.store.put_pipelines([(spec.model_dump(exclude_none=True), plan) for spec, plan in upserts])
+        for row in rows:
+            old = self.served.get(row.name)
+            (result.replaced if old else result.created).append(row.name)
+            self.routed[row.name] = [old.plan, row.plan] if old else [row.plan]
+            result.rows[row.name] = row
+        if upserts:
+            await self._routes_step({plan.name for plan in plans})
+        for row in rows:
+            self.served[row.name] = row
+        for name in deleted:
             del self.served[name]
-            await self._gateway_step()
+        await self._gateway_step(plans, deleted)
+        withdrawn = set(result.replaced) | set(deleted)
+        for name in result.replaced:
+            self.routed[name] = [result.rows[name].plan]
+        for name in deleted:
             del self.routed[name]
-            await self._envoy_step()
-            self.store.delete_pipeline(name)
-            log.info("pipeline %s deleted", name)
+        if withdrawn:
+            await self._routes_step(withdrawn, wait=bool(deleted))
+        if deleted:
+            self.store.delete_pipelines(deleted)
+        if len(plans) + len(deleted) == 1:
+            log.info("pipeline %s %s", (plans[0].name if plans else deleted[0]), "deleted" if deleted else f"at revision {plans[0].revision}")
+        else:
+            log.info("applied: %d created, %d replaced, %d deleted", len(result.created), len(result.replaced), len(deleted))
+        return result
 
     # --- runtimes
     @property
@@ -171,7 +219,7 @@ class ControlPlane:
         return self._lock
 
     async def register_runtime(self, reg: RuntimeRegistration) -> Registered:
-        if not isinstance(self.registry, EmbeddedRegistry):
+        if not self.registry.accepts_registrations:
             raise ApiError(409, "runtimes register with Consul in this deployment", "registry_external")
         loaded = await self._load_recorded(reg.name, reg.host, reg.port)
         if loaded is None:
@@ -222,7 +270,6 @@ class ControlPlane:
         models = {k: v for k, v in row.models.items() if k != model}
         self.store.put_runtime(runtime, row.kind, models)
         self.runtimes[runtime] = RuntimeRow(runtime, row.kind, models)
-        self._refresh_envoy()
 
     async def learn_runtime(self, name: str, kind: str, models: dict[str, dict]) -> None:
         """Record a runtime's models and signatures (from registration or discovery)."""
@@ -232,26 +279,6 @@ class ControlPlane:
         self.store.put_runtime(name, kind, models)
         self.runtimes[name] = RuntimeRow(name, kind, models)
         log.info("runtime %s (%s) serves %s", name, kind, ", ".join(sorted(models)) or "no models")
-        self._refresh_envoy()
+        self.layers.add_runtimes({name})
+        self._push()
 
-
-def to_proto(row: PipelineRow) -> pipeline_pb2.Pipeline:
-    return pipeline_pb2.Pipeline(
-        name=row.name,
-        revision=row.revision,
-        transport=row.definition.get("transportType", "http"),
-        stages=[
-            pipeline_pb2.Stage(
-                name=s["name"],
-                runtime=s["runtime"],
-                model=s["model"],
-                model_version=s.get("version") or "",
-                route=s["route"],
-                timeout_ms=s["timeout_ms"],
-                inputs=[pipeline_pb2.TensorSpec(**t) for t in s["inputs"]],
-                outputs=[pipeline_pb2.TensorSpec(**t) for t in s["outputs"]],
-                bindings=[pipeline_pb2.InputBinding(input=k, source=v) for k, v in s["bindings"].items()],
-            )
-            for s in row.stages
-        ],
-    )

@@ -1,83 +1,209 @@
-"""Pushes the set of pipelines to gateways over ``PipelineDiscovery.Watch``.
+"""Pushes pipelines to gateways over ``PipelineDiscovery.Watch``, incrementally.
 
-State of the world, like ADS: every change sends the whole set with a new version;
-each gateway acknowledges the version it now serves. ``wait_acked`` lets the manager
-order a change against Envoy's routes (a new pipeline is served only once its routes
-exist; a deleted one stops being served before its routes go).
+Every ``publish`` is one new version holding only what changed (plans created or
+replaced, names removed), converted to its wire form once; its cost is the size of
+the change, never the number of pipelines. A stream starts with the whole set
+(``full``) and then gets deltas. Each gateway acknowledges the version it now
+serves; ``wait_acked`` lets the manager order a change against Envoy's routes (a new
+pipeline is served only once its routes exist; a deleted one stops being served
+before its routes go).
+
+A stream has at most one unacknowledged message in flight: the gateway applies
+messages in order and acknowledges each only after draining the revisions it
+dropped, so anything sent meanwhile would just queue in the transport. Waiting lets
+the feed coalesce every version published in between into one delta, from a bounded
+history of deltas; a stream further behind than that history, or whose coalesced
+change would be larger than the whole set, gets the whole set again. So a slow or
+silent gateway costs nothing to anyone else: no queue grows for it, and ``publish``
+never waits on a stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 
+from sluice.plan import PipelinePlan
+from sluice.plan_proto import to_proto
 from sluice.v1 import pipeline_pb2, pipeline_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+_NOT_SENT = -1
+
+
+@dataclass(frozen=True, slots=True)
+class _Delta:
+    version: int
+    upserts: dict[str, pipeline_pb2.Pipeline]
+    removed: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.upserts) + len(self.removed)
+
+
+@dataclass(slots=True)
+class _Stream:
+    id: int
+    sent: int = _NOT_SENT  # version of the last message written
+    acked: int = _NOT_SENT
+
 
 class PipelineFeed(pipeline_pb2_grpc.PipelineDiscoveryServicer):
-    def __init__(self) -> None:
+    def __init__(self, initial: Sequence[PipelinePlan] = (), *, history: int = 1024) -> None:
         self._version = 0
-        self._current = pipeline_pb2.PipelineSet(version="0")
-        self._acked: dict[int, int] = {}  # stream -> acked version
-        self._stream_ids = 0
+        self._plans: dict[str, PipelinePlan] = {p.name: p for p in initial}
+        self._protos: dict[str, pipeline_pb2.Pipeline] = {n: to_proto(p) for n, p in self._plans.items()}
+        self._history: deque[_Delta] = deque()
+        self._history_max = history
+        self._history_entries = 0  # pipelines and names in all of it
+        # messages built for the current version, by the version the stream was last
+        # sent (_NOT_SENT: the whole set): streams in step share one message
+        self._messages: dict[int, pipeline_pb2.PipelineSet] = {}
+        self._streams: dict[int, _Stream] = {}
+        self._stream_ids = itertools.count(1)
         self._changed = asyncio.Condition()
 
     @property
-    def gateways(self) -> int:
-        return len(self._acked)
+    def version(self) -> int:
+        return self._version
 
-    async def publish(self, pipelines: list[pipeline_pb2.Pipeline]) -> int:
+    @property
+    def gateways(self) -> int:
+        """Connected gateway streams."""
+        return len(self._streams)
+
+    @property
+    def pipelines(self) -> Mapping[str, PipelinePlan]:
+        """The current set, name -> plan (read-only, live)."""
+        return MappingProxyType(self._plans)
+
+    async def publish(self, upserts: Sequence[PipelinePlan] = (), removed: Sequence[str] = ()) -> int:
+        """Make one new version of this change; returns its number. A change that
+        changes nothing (plans equal to the current ones, unknown names) makes no
+        version and returns the current one."""
+        changed = {p.name: p for p in upserts}
+        clash = changed.keys() & set(removed)
+        if clash:
+            raise ValueError(f"pipelines both upserted and removed: {sorted(clash)}")
         async with self._changed:
+            changed = {n: p for n, p in changed.items() if self._plans.get(n) != p}
+            gone = tuple(n for n in dict.fromkeys(removed) if n in self._plans)
+            if not changed and not gone:
+                return self._version
+            protos = {n: to_proto(p) for n, p in changed.items()}
             self._version += 1
-            self._current = pipeline_pb2.PipelineSet(version=str(self._version), pipelines=pipelines)
+            self._plans.update(changed)
+            self._protos.update(protos)
+            for name in gone:
+                del self._plans[name]
+                del self._protos[name]
+            self._remember(_Delta(self._version, protos, gone))
+            self._messages.clear()
             self._changed.notify_all()
             return self._version
 
     async def wait_acked(self, version: int, timeout: float) -> bool:
+        """Whether every connected gateway acknowledged ``version`` (or later) in time."""
         try:
             async with self._changed:
                 await asyncio.wait_for(
-                    self._changed.wait_for(lambda: all(v >= version for v in self._acked.values())), timeout
+                    self._changed.wait_for(lambda: all(s.acked >= version for s in self._streams.values())), timeout
                 )
             return True
         except asyncio.TimeoutError:
-            log.warning("pipelines v%d: not every gateway acknowledged within %.1fs", version, timeout)
+            behind = sorted(s.id for s in self._streams.values() if s.acked < version)
+            log.warning("pipelines v%d: gateway streams %s did not acknowledge within %.1fs", version, behind, timeout)
             return False
 
+    def _remember(self, delta: _Delta) -> None:
+        self._history.append(delta)
+        self._history_entries += delta.size
+        # a delta longer than the whole set is never sent (see _delta_since), so the
+        # history need never hold more entries than the set has pipelines
+        while self._history and (len(self._history) > self._history_max or self._history_entries > len(self._protos)):
+            self._history_entries -= self._history.popleft().size
+
+    def _message_since(self, sent: int) -> pipeline_pb2.PipelineSet:
+        message = self._messages.get(sent)
+        if message is None:
+            message = self._delta_since(sent)
+            if message is None:
+                message = self._full()
+            self._messages[sent] = message
+        return message
+
+    def _full(self) -> pipeline_pb2.PipelineSet:
+        return pipeline_pb2.PipelineSet(version=str(self._version), pipelines=self._protos.values(), full=True)
+
+    def _delta_since(self, sent: int) -> pipeline_pb2.PipelineSet | None:
+        """Versions ``sent``+1 .. now as one delta; None if the history no longer holds
+        them all, or if they add up to more than the whole set."""
+        if sent == _NOT_SENT or not self._history or self._history[0].version > sent + 1:
+            return None
+        upserts: dict[str, pipeline_pb2.Pipeline] = {}
+        removed: dict[str, None] = {}
+        budget = len(self._protos)
+        start = sent + 1 - self._history[0].version
+        for delta in itertools.islice(self._history, start, None):
+            budget -= delta.size
+            if budget < 0:
+                return None
+            for name in delta.removed:
+                upserts.pop(name, None)
+                removed[name] = None
+            for name, proto in delta.upserts.items():
+                removed.pop(name, None)
+                upserts[name] = proto
+        return pipeline_pb2.PipelineSet(version=str(self._version), pipelines=upserts.values(), removed=removed)
+
     async def Watch(self, request_iterator, context):
-        self._stream_ids += 1
-        stream = self._stream_ids
-        self._acked[stream] = 0
+        stream = _Stream(next(self._stream_ids))
+        self._streams[stream.id] = stream
+        peer = context.peer()
+        log.info("gateway stream %d opened (%s)", stream.id, peer)
         reader = asyncio.create_task(self._read_acks(stream, request_iterator))
         try:
-            sent = -1
-            while not reader.done():
+            while True:
                 async with self._changed:
-                    await self._changed.wait_for(lambda: int(self._current.version) != sent or reader.done())
-                    current = self._current
-                if reader.done():
-                    break
-                await context.write(current)
-                sent = int(current.version)
+                    await self._changed.wait_for(
+                        lambda: reader.done() or (stream.acked >= stream.sent and self._version > stream.sent)
+                    )
+                    if reader.done():
+                        break
+                    message = self._message_since(stream.sent)
+                    stream.sent = self._version
+                await context.write(message)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # the peer may have vanished
                 await reader
             async with self._changed:
-                self._acked.pop(stream, None)
+                self._streams.pop(stream.id, None)
                 self._changed.notify_all()
-            log.info("gateway stream %d closed", stream)
+            log.info("gateway stream %d closed (%s)", stream.id, peer)
 
-    async def _read_acks(self, stream: int, request_iterator) -> None:
+    async def _read_acks(self, stream: _Stream, request_iterator) -> None:
         try:
             async for request in request_iterator:
-                if request.ack_version:
-                    async with self._changed:
-                        self._acked[stream] = int(request.ack_version)
-                        self._changed.notify_all()
+                if not request.ack_version:
+                    continue
+                try:
+                    acked = int(request.ack_version)
+                except ValueError:
+                    log.warning("gateway stream %d: ignoring ack_version %r", stream.id, request.ack_version[:32])
+                    continue
+                async with self._changed:
+                    # a gateway can only serve what it was sent
+                    stream.acked = max(stream.acked, min(acked, stream.sent))
+                    self._changed.notify_all()
         finally:
             async with self._changed:
                 self._changed.notify_all()

@@ -14,12 +14,12 @@ class ControlPlaneCollector(Collector):
         self.control = control
 
     def collect(self):
-        cache = self.control.cache
-        yield CounterMetricFamily("sluice_xds_pushes", "xDS responses sent to Envoys", value=cache.pushes)
-        yield CounterMetricFamily("sluice_xds_nacks", "xDS responses Envoys rejected", value=cache.nacks)
+        xds = self.control.xds
+        yield CounterMetricFamily("sluice_xds_pushes", "xDS responses sent to Envoys", value=xds.pushes)
+        yield CounterMetricFamily("sluice_xds_nacks", "xDS responses Envoys rejected", value=xds.nacks)
         connected = GaugeMetricFamily("sluice_xds_connected_envoys", "Envoy nodes with an open ADS stream", labels=["role"])
         by_role: dict[str, int] = {}
-        for status in cache.nodes().values():
+        for status in xds.nodes().values():
             if status.streams:
                 by_role[status.info.role] = by_role.get(status.info.role, 0) + 1
         for role, count in sorted(by_role.items()):

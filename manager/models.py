@@ -140,14 +140,13 @@ class ModelService:
         """Pipelines (any live revision) that would break without ``model`` (at ``version``)."""
         users = set()
         for name, revisions in self.control.routed.items():
-            for row in revisions:
-                for stage in row.stages:
-                    if stage["model"] != model or (runtime and stage["runtime"] != runtime):
+            for plan in revisions:
+                for stage in plan.stages:
+                    if stage.model != model or (runtime and stage.runtime != runtime):
                         continue
-                    served = self.control.runtimes.get(stage["runtime"])
+                    served = self.control.runtimes.get(stage.runtime)
                     loaded = served.models.get(model, {}).get("versions", []) if served else []
-                    pinned = stage.get("version")
-                    if version is None or pinned == version or (not pinned and set(loaded) <= {version}):
+                    if version is None or stage.version == version or (not stage.version and set(loaded) <= {version}):
                         users.add(name)
         return sorted(users)
 

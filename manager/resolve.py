@@ -1,4 +1,5 @@
-"""Turns a pipeline definition into resolved stages, checked against model signatures.
+"""Turns a pipeline definition into its typed plan (``sluice.plan``), checked against
+model signatures.
 
 Each stage gets its runtime, model, signature, Envoy route key and input bindings
 (which output of the previous stage feeds which input). A stage that names an
@@ -13,32 +14,34 @@ from typing import Any
 from manager.schemas import PipelineSpec, StageSpec
 from manager.store import RuntimeRow
 from sluice.errors import ApiError
+from sluice.plan import Binding, PipelinePlan, StagePlan
+from sluice.tensors import TensorSpec
+from sluice.wire import route_key
 
 
-def route_key(pipeline: str, revision: int, stage: int) -> str:
-    """The ``x-sluice-route`` value Envoy matches for one stage of one revision."""
-    return f"{pipeline}.r{revision}.s{stage}"
-
-
-def resolve(spec: PipelineSpec, revision: int, runtimes: dict[str, RuntimeRow], default_timeout_ms: int) -> list[dict[str, Any]]:
-    stages: list[dict[str, Any]] = []
-    previous: dict[str, Any] | None = None
+def resolve(spec: PipelineSpec, revision: int, runtimes: dict[str, RuntimeRow], default_timeout_ms: int) -> PipelinePlan:
+    stages: list[StagePlan] = []
     for index, stage in enumerate(spec.stage_list()):
         signature = _signature(index, stage, runtimes)
-        resolved = {
-            "name": stage.label,
-            "runtime": stage.runtime,
-            "model": stage.model,
-            "version": stage.version,
-            "route": route_key(spec.name, revision, index),
-            "timeout_ms": stage.timeout_ms or default_timeout_ms,
-            "inputs": signature["inputs"],
-            "outputs": signature["outputs"],
-            "bindings": _bindings(index, stage, signature["inputs"], previous) if previous else {},
-        }
-        stages.append(resolved)
-        previous = resolved
-    return stages
+        inputs, outputs = _tensors(signature["inputs"]), _tensors(signature["outputs"])
+        stages.append(
+            StagePlan(
+                name=stage.label,
+                runtime=stage.runtime,
+                model=stage.model,
+                version=stage.version or "",
+                route=route_key(spec.name, revision, index),
+                timeout_ms=stage.timeout_ms or default_timeout_ms,
+                inputs=inputs,
+                outputs=outputs,
+                bindings=_bindings(index, stage, inputs, stages[-1]) if stages else (),
+            )
+        )
+    return PipelinePlan(spec.name, revision, spec.transportType, tuple(stages))
+
+
+def _tensors(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in items)
 
 
 def _signature(index: int, stage: StageSpec, runtimes: dict[str, RuntimeRow]) -> dict[str, Any]:
@@ -76,16 +79,16 @@ def _signature(index: int, stage: StageSpec, runtimes: dict[str, RuntimeRow]) ->
     return model
 
 
-def _bindings(index: int, stage: StageSpec, inputs: list[dict], previous: dict[str, Any]) -> dict[str, str]:
-    outputs = {t["name"]: t for t in previous["outputs"]}
+def _bindings(index: int, stage: StageSpec, inputs: tuple[TensorSpec, ...], previous: StagePlan) -> tuple[Binding, ...]:
+    outputs = {t.name: t for t in previous.outputs}
     explicit = stage.inputs or {}
-    unknown = set(explicit) - {t["name"] for t in inputs}
+    unknown = set(explicit) - {t.name for t in inputs}
     if unknown:
         name = sorted(unknown)[0]
         raise _mismatch(index, stage, name, f"the stage has no input {name!r}")
-    bindings: dict[str, str] = {}
+    bindings: list[Binding] = []
     for tensor in inputs:
-        name = tensor["name"]
+        name = tensor.name
         if name in explicit:
             source = explicit[name]
         elif name in outputs:
@@ -95,30 +98,30 @@ def _bindings(index: int, stage: StageSpec, inputs: list[dict], previous: dict[s
         else:
             raise _mismatch(
                 index, stage, name,
-                f"no output of stage {index - 1} ({previous['name']}) feeds input {name!r}; "
+                f"no output of stage {index - 1} ({previous.name}) feeds input {name!r}; "
                 f"its outputs are {sorted(outputs)}",
             )
         if source not in outputs:
             raise _mismatch(index, stage, name, f"stage {index - 1} has no output {source!r}")
         _check_compatible(index, stage, tensor, outputs[source])
-        bindings[name] = source
-    return bindings
+        bindings.append(Binding(name, source))
+    return tuple(bindings)
 
 
-def _check_compatible(index: int, stage: StageSpec, wanted: dict, given: dict) -> None:
-    name = wanted["name"]
-    if wanted["datatype"] != given["datatype"]:
+def _check_compatible(index: int, stage: StageSpec, wanted: TensorSpec, given: TensorSpec) -> None:
+    name = wanted.name
+    if wanted.datatype != given.datatype:
         raise _mismatch(
             index, stage, name,
-            f"input {name!r} wants {wanted['datatype']}, output {given['name']!r} gives {given['datatype']}",
+            f"input {name!r} wants {wanted.datatype}, output {given.name!r} gives {given.datatype}",
         )
-    want_shape, give_shape = wanted["shape"], given["shape"]
+    want_shape, give_shape = list(wanted.shape), list(given.shape)
     if len(want_shape) != len(give_shape) or any(
         w != -1 and g != -1 and w != g for w, g in zip(want_shape, give_shape)
     ):
         raise _mismatch(
             index, stage, name,
-            f"input {name!r} wants shape {want_shape}, output {given['name']!r} gives {give_shape}",
+            f"input {name!r} wants shape {want_shape}, output {given.name!r} gives {give_shape}",
         )
 
 

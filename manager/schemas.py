@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from sluice.plan import StagePlan
+
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 _CHAIN_ENTRY = re.compile(r"^(?P<runtime>[A-Za-z0-9][A-Za-z0-9_.-]*)/(?P<model>[A-Za-z0-9][A-Za-z0-9_.-]*)(?::(?P<version>[A-Za-z0-9_.-]+))?$")
 
@@ -78,6 +80,16 @@ class StageOut(BaseModel):
     outputs: list[TensorSpecModel]
     bindings: dict[str, str]
 
+    @classmethod
+    def of(cls, stage: StagePlan) -> "StageOut":
+        return cls(
+            name=stage.name, runtime=stage.runtime, model=stage.model, version=stage.version or None,
+            route=stage.route, timeout_ms=stage.timeout_ms,
+            inputs=[TensorSpecModel(**t.as_dict()) for t in stage.inputs],
+            outputs=[TensorSpecModel(**t.as_dict()) for t in stage.outputs],
+            bindings={b.input: b.source for b in stage.bindings},
+        )
+
 
 class PipelineOut(BaseModel):
     name: str
@@ -87,6 +99,24 @@ class PipelineOut(BaseModel):
     stages: list[StageOut]
     created_at: float
     updated_at: float
+
+
+class ApplyRequest(BaseModel):
+    """A declarative set of pipelines, applied as one change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipelines: list[PipelineSpec] = Field(max_length=100_000)
+    #: also delete every pipeline not listed
+    prune: bool = False
+
+
+class ApplyOut(BaseModel):
+    created: list[str]
+    replaced: list[str]
+    unchanged: list[str]
+    deleted: list[str]
+    dry_run: bool
 
 
 class RuntimeRegistration(BaseModel):

@@ -29,6 +29,8 @@ class ManagerSettings(BaseSettings):
     #: bind address of the listeners the manager pushes to sidecars
     listener_address: str = "127.0.0.1"
     max_body_bytes: int = Field(1 << 20, gt=0)
+    #: a bulk apply's body (about 120 bytes a chain pipeline: 32 MiB is some 250,000)
+    max_apply_bytes: int = Field(32 << 20, gt=0)
     #: the model repository, for model listings, uploads (streamed through) and deletes
     repository_url: str = "http://127.0.0.1:8087"
     #: where clients send requests (``GET /api/v1/info``; the SDK's ``predict`` goes there)

@@ -2,8 +2,11 @@
 instances and the model versions loaded onto runtimes through the API, so a
 restarted manager serves the same mesh.
 
-One connection, WAL journal, every write in a transaction. Calls are synchronous and
-sub-millisecond; the manager is not on the request path.
+One connection, WAL journal, every write in a transaction (a bulk apply is one).
+Calls are synchronous and sub-millisecond; the manager is not on the request path.
+A pipeline is stored as its definition (what the user sent) and its resolved plan
+(``sluice.plan``, in its wire form). ``PRAGMA user_version`` numbers the schema;
+older files are migrated on open.
 """
 
 from __future__ import annotations
@@ -11,16 +14,25 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sluice.plan import Binding, PipelinePlan, StagePlan
+from sluice.plan_proto import from_bytes, to_bytes
+from sluice.tensors import TensorSpec
+
+#: the schema this code writes; see _migrate for the older ones it reads
+SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipelines (
     name TEXT PRIMARY KEY,
     revision INTEGER NOT NULL,
     definition TEXT NOT NULL,
-    stages TEXT NOT NULL,
+    plan BLOB NOT NULL,  -- the resolved PipelinePlan as sluice.v1.Pipeline bytes
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -49,12 +61,18 @@ CREATE TABLE IF NOT EXISTS runtime_models (
 
 @dataclass(frozen=True)
 class PipelineRow:
-    name: str
-    revision: int
     definition: dict[str, Any]
-    stages: list[dict[str, Any]]
+    plan: PipelinePlan
     created_at: float
     updated_at: float
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def revision(self) -> int:
+        return self.plan.revision
 
 
 @dataclass(frozen=True)
@@ -89,42 +107,84 @@ class Store:
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        with self._transaction():
+            self._migrate()
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)  # execute(), not executescript(): that would commit
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One SQLite transaction: all of the block's writes, or none of them. (The
+        connection is in autocommit mode, where ``with connection:`` would not begin one.)"""
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(pipelines)")}
+        if "stages" in columns:  # version 0: stages as JSON dicts -> plans, in the open transaction
+            rows = self._db.execute("SELECT name, revision, definition, stages, created_at, updated_at FROM pipelines").fetchall()
+            converted = [
+                (name, revision, definition, to_bytes(_plan_from_v0(name, revision, json.loads(definition), json.loads(stages))), created, updated)
+                for name, revision, definition, stages, created, updated in rows
+            ]
+            self._db.execute("DROP TABLE pipelines")
+            self._db.execute(_SCHEMA.split(";")[0])
+            self._db.executemany("INSERT INTO pipelines VALUES (?, ?, ?, ?, ?, ?)", converted)
 
     def close(self) -> None:
         self._db.close()
 
     # --- pipelines
     def pipelines(self) -> list[PipelineRow]:
-        rows = self._db.execute("SELECT * FROM pipelines ORDER BY name").fetchall()
+        rows = self._db.execute("SELECT definition, plan, created_at, updated_at FROM pipelines ORDER BY name").fetchall()
         return [self._pipeline(r) for r in rows]
 
     def pipeline(self, name: str) -> PipelineRow | None:
-        row = self._db.execute("SELECT * FROM pipelines WHERE name = ?", (name,)).fetchone()
+        row = self._db.execute("SELECT definition, plan, created_at, updated_at FROM pipelines WHERE name = ?", (name,)).fetchone()
         return self._pipeline(row) if row else None
 
-    def put_pipeline(self, name: str, revision: int, definition: dict, stages: list[dict]) -> PipelineRow:
-        now = time.time()
-        with self._db:
-            self._db.execute(
-                """INSERT INTO pipelines (name, revision, definition, stages, created_at, updated_at)
-                   VALUES (?, ?, ?, ?, ?, ?)
-                   ON CONFLICT(name) DO UPDATE SET revision=excluded.revision,
-                     definition=excluded.definition, stages=excluded.stages, updated_at=excluded.updated_at""",
-                (name, revision, json.dumps(definition), json.dumps(stages), now, now),
-            )
-        row = self.pipeline(name)
-        assert row is not None
+    def put_pipeline(self, definition: dict, plan: PipelinePlan) -> PipelineRow:
+        (row,) = self.put_pipelines([(definition, plan)])
         return row
 
+    def put_pipelines(self, items: list[tuple[dict, PipelinePlan]]) -> list[PipelineRow]:
+        """Create or replace pipelines, all in one transaction."""
+        now = time.time()
+        with self._transaction():
+            self._db.executemany(
+                """INSERT INTO pipelines (name, revision, definition, plan, created_at, updated_at)
+                   VALUES (?, ?, ?, ?, ?, ?)
+                   ON CONFLICT(name) DO UPDATE SET revision=excluded.revision,
+                     definition=excluded.definition, plan=excluded.plan, updated_at=excluded.updated_at""",
+                [(plan.name, plan.revision, json.dumps(definition), to_bytes(plan), now, now) for definition, plan in items],
+            )
+            created = dict(
+                self._db.execute(
+                    f"SELECT name, created_at FROM pipelines WHERE name IN ({','.join('?' * len(items))})",
+                    [plan.name for _, plan in items],
+                ).fetchall()
+            ) if items else {}
+        return [PipelineRow(definition, plan, created[plan.name], now) for definition, plan in items]
+
     def delete_pipeline(self, name: str) -> bool:
-        with self._db:
-            return self._db.execute("DELETE FROM pipelines WHERE name = ?", (name,)).rowcount > 0
+        return self.delete_pipelines([name]) > 0
+
+    def delete_pipelines(self, names: list[str]) -> int:
+        """Delete pipelines in one transaction; how many existed."""
+        with self._transaction():
+            return sum(self._db.execute("DELETE FROM pipelines WHERE name = ?", (n,)).rowcount for n in names)
 
     @staticmethod
     def _pipeline(row: tuple) -> PipelineRow:
-        name, revision, definition, stages, created, updated = row
-        return PipelineRow(name, revision, json.loads(definition), json.loads(stages), created, updated)
+        definition, plan, created, updated = row
+        return PipelineRow(json.loads(definition), from_bytes(plan), created, updated)
 
     # --- runtimes and instances
     def runtimes(self) -> list[RuntimeRow]:
@@ -132,7 +192,7 @@ class Store:
         return [RuntimeRow(n, k, json.loads(m)) for n, k, m in rows]
 
     def put_runtime(self, name: str, kind: str, models: dict[str, dict]) -> None:
-        with self._db:
+        with self._transaction():
             self._db.execute(
                 """INSERT INTO runtimes (name, kind, models, updated_at) VALUES (?, ?, ?, ?)
                    ON CONFLICT(name) DO UPDATE SET kind=excluded.kind, models=excluded.models,
@@ -145,7 +205,7 @@ class Store:
         return [InstanceRow(*r) for r in rows]
 
     def put_instance(self, inst: InstanceRow) -> None:
-        with self._db:
+        with self._transaction():
             self._db.execute(
                 """INSERT INTO instances (id, runtime, host, port, last_seen) VALUES (?, ?, ?, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET runtime=excluded.runtime, host=excluded.host,
@@ -154,7 +214,7 @@ class Store:
             )
 
     def delete_instance(self, instance_id: str) -> None:
-        with self._db:
+        with self._transaction():
             self._db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
 
     # --- model versions loaded onto runtimes through the API
@@ -168,15 +228,36 @@ class Store:
         return [LoadedModel(*r) for r in rows.fetchall()]
 
     def put_loaded_model(self, loaded: LoadedModel) -> None:
-        with self._db:
+        with self._transaction():
             self._db.execute(
                 "INSERT OR IGNORE INTO runtime_models (runtime, model, version, loaded_at) VALUES (?, ?, ?, ?)",
                 (loaded.runtime, loaded.model, loaded.version, time.time()),
             )
 
     def delete_loaded_model(self, loaded: LoadedModel) -> None:
-        with self._db:
+        with self._transaction():
             self._db.execute(
                 "DELETE FROM runtime_models WHERE runtime = ? AND model = ? AND version = ?",
                 (loaded.runtime, loaded.model, loaded.version),
             )
+
+
+def _plan_from_v0(name: str, revision: int, definition: dict, stages: list[dict]) -> PipelinePlan:
+    """A plan from schema version 0's stage dicts."""
+
+    def tensors(items: list[dict]) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in items)
+
+    return PipelinePlan(
+        name=name,
+        revision=revision,
+        transport=definition.get("transportType", "http"),
+        stages=tuple(
+            StagePlan(
+                name=s["name"], runtime=s["runtime"], model=s["model"], version=s.get("version") or "",
+                route=s["route"], timeout_ms=s["timeout_ms"], inputs=tensors(s["inputs"]), outputs=tensors(s["outputs"]),
+                bindings=tuple(Binding(k, v) for k, v in s.get("bindings", {}).items()),
+            )
+            for s in stages
+        ),
+    )

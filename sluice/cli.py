@@ -209,5 +209,50 @@ def predict(
     print(json.dumps(answer))
 
 
+@app.command()
+def apply(
+    file: Path = typer.Option(..., "-f", "--file", help="pipelines as YAML or JSON: a list of definitions, or {pipelines: [...]}"),
+    prune: bool = typer.Option(False, help="also delete every pipeline the file does not list"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the diff, change nothing"),
+    manager: str = MANAGER,
+    token: str = TOKEN,
+) -> None:
+    """Make the mesh's pipelines what the file says, in one change: prints the diff, then applies it."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        console.print(f"[red]cannot read {file}: {exc}[/red]")
+        raise typer.Exit(1) from None
+    definitions = loaded.get("pipelines") if isinstance(loaded, dict) else loaded
+    if not isinstance(definitions, list):
+        console.print(f"[red]{file}: expected a list of pipeline definitions, or a mapping with 'pipelines'[/red]")
+        raise typer.Exit(1)
+    try:
+        with Client(manager, token or default_token()) as client:
+            diff = client.apply(definitions, prune=prune, dry_run=True)
+            _print_diff(diff)
+            if dry_run or not (diff["created"] or diff["replaced"] or diff["deleted"]):
+                return
+            done = client.apply(definitions, prune=prune)
+    except (SluiceError, httpx.HTTPError) as exc:
+        if isinstance(exc, SluiceError) and exc.code == "invalid_apply":
+            console.print(f"[red]{exc.message}[/red]")
+            for problem in exc.details.get("problems", []):
+                console.print(f"  {problem['pipeline']}: {problem['code']}: {problem['message']}")
+            raise typer.Exit(1) from None
+        raise _fail(exc) from None
+    console.print(f"applied: {len(done['created'])} created, {len(done['replaced'])} replaced, "
+                  f"{len(done['deleted'])} deleted, {len(done['unchanged'])} unchanged; live now")
+
+
+def _print_diff(diff: dict) -> None:
+    for sign, key, colour in (("+", "created", "green"), ("~", "replaced", "yellow"), ("-", "deleted", "red")):
+        for name in diff[key]:
+            console.print(f"[{colour}]{sign} {name}[/{colour}]")
+    console.print(f"{len(diff['unchanged'])} unchanged")
+
+
 if __name__ == "__main__":
     app()

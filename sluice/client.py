@@ -139,6 +139,15 @@ class Client:
         definition = _definition(name, chain)
         return self._call("PUT", f"/api/v1/pipelines/{definition['name']}", json=definition)
 
+    def apply(self, definitions: Sequence[dict[str, Any]], prune: bool = False, dry_run: bool = False) -> dict[str, Any]:
+        """Create or replace every definition in one change (``prune``: delete the pipelines
+        not listed); answers once live with what was created, replaced, unchanged and deleted.
+        One bad definition refuses all of it (``SluiceError`` 422 listing every problem)."""
+        return self._call(
+            "POST", "/api/v1/pipelines:apply", json={"pipelines": list(definitions), "prune": prune},
+            params={"dry_run": "true"} if dry_run else None, timeout=None,
+        )
+
     def pipelines(self) -> list[dict[str, Any]]:
         return self._call("GET", "/api/v1/pipelines")
 

@@ -47,6 +47,8 @@ class Sidecar:
     protocol: str = "http"
     egress_port: int = 0
     grpc_port: int = 0
+    #: "DELTA_GRPC" (incremental xDS) or "GRPC" (state of the world)
+    xds_api: str = "DELTA_GRPC"
 
     def bootstrap(self) -> str:
         return string.Template(TEMPLATE.read_text()).substitute(
@@ -62,6 +64,7 @@ class Sidecar:
             ADMIN_PORT=self.admin_port,
             XDS_HOST=self.xds_host,
             XDS_PORT=self.xds_port,
+            XDS_API=self.xds_api,
         )
 
     def command(self, bootstrap_path: Path, log_level: str = "warning") -> list[str]:

@@ -50,9 +50,28 @@ class Registry(abc.ABC):
         for callback in self._listeners:
             callback()
 
+    #: whether runtimes register through the manager's API (the embedded registry), or
+    #: elsewhere (Consul: then the API's registration calls answer 409)
+    accepts_registrations: bool = False
+
     @abc.abstractmethod
     def endpoints(self) -> dict[str, list[Endpoint]]:
         """Runtime name -> its healthy endpoints, sorted."""
+
+    def register(self, instance_id: str, runtime: str, host: str, port: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not take registrations")
+
+    def heartbeat(self, instance_id: str) -> bool:
+        """Renew an instance; False when it is unknown."""
+        return False
+
+    def deregister(self, instance_id: str) -> bool:
+        """Remove an instance; False when it is unknown."""
+        return False
+
+    def last_seen(self) -> dict[str, float]:
+        """Instance id -> when it last registered or renewed (wall clock), where known."""
+        return {}
 
     async def start(self) -> None:  # pragma: no cover - trivial default
         """Begin watching (background tasks)."""

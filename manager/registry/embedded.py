@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 
 class EmbeddedRegistry(Registry):
+    accepts_registrations = True
+
     def __init__(self, store: Store, ttl_s: float, clock=time.monotonic):
         super().__init__()
         self._store = store
@@ -40,6 +42,9 @@ class EmbeddedRegistry(Registry):
 
     def instances(self) -> list[InstanceRow]:
         return list(self._instances.values())
+
+    def last_seen(self) -> dict[str, float]:
+        return {i.id: i.last_seen for i in self._instances.values()}
 
     def register(self, instance_id: str, runtime: str, host: str, port: int) -> None:
         inst = InstanceRow(instance_id, runtime, host, port, time.time())

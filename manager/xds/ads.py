@@ -1,19 +1,26 @@
-"""The Aggregated Discovery Service (xDS v3, state of the world) for Envoy sidecars.
+"""The Aggregated Discovery Service (xDS v3) for Envoy sidecars, both variants:
+state of the world (``StreamAggregatedResources``) and incremental
+(``DeltaAggregatedResources``, what Sluice's own sidecars use).
 
-One ``AdsStream`` per Envoy connection. It answers each resource type from the
-node's current snapshot and honours the protocol:
+One stream object per Envoy connection reads the node's snapshot from the passive
+cache and reports to the ``Callbacks``. Both variants honour the protocol:
 
 * the node arrives on the first request only; later requests are matched by nonce;
-* a request whose ``response_nonce`` is not the last one sent for its type is stale
+* a request whose ``response_nonce`` is not the pending one for its type is stale
   and ignored;
 * a request carrying ``error_detail`` is a NACK: Envoy keeps its last good config;
-  the rejection is logged with Envoy's error text and the version is not re-sent;
-* a type is re-sent when the snapshot's version changes, or when Envoy asks for
-  other names (EDS and RDS subscriptions grow as clusters and listeners appear).
+  the rejection is reported with Envoy's error text and not re-sent until the
+  snapshot changes.
 
-Make before break: types go out in the order clusters, endpoints, listeners, routes,
-and listeners and routes are held back while a cluster or endpoint response is still
-unacknowledged, so no route ever points at a cluster Envoy has not warmed.
+Make before break: one response per type is in flight at a time, types go out in the
+order clusters, endpoints, listeners, route scopes, routes, and listeners, scopes
+and routes are held back while a cluster or endpoint response is unacknowledged, so
+no route points at a cluster Envoy has not warmed.
+
+State of the world re-sends every resource of a type when its version changes (what
+that protocol requires). Delta sends only the resources whose versions differ from
+what Envoy holds, found from the resource sets' change history, so one pipeline's
+change costs the same with ten or ten thousand pipelines.
 """
 
 from __future__ import annotations
@@ -27,30 +34,28 @@ from dataclasses import dataclass, field
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from manager.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, NodeInfo
-from manager.xds.snapshot import SNAPSHOT_CHANGED, SnapshotCache
+from manager.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SCOPED_ROUTE, NodeInfo
+from manager.xds.snapshot import SNAPSHOT_CHANGED, Callbacks, Snapshot, SnapshotCache
 
 log = logging.getLogger(__name__)
 _nonces = itertools.count(1)
 END = object()
+#: types held back while a cluster or endpoint response is unacknowledged
+_AFTER_WARMING = (LISTENER, SCOPED_ROUTE, ROUTE)
 
 
-@dataclass
-class _TypeState:
-    open: bool = False  # Envoy has asked for this type (a watch is open)
-    names: list[str] = field(default_factory=list)
-    sent_version: str | None = None
-    sent_names: list[str] | None = None
-    nonce: str = ""
-    pending: bool = False  # a response awaits its ACK/NACK
+def _short(type_url: str) -> str:
+    return type_url.rsplit(".", 1)[-1]
 
 
-class AdsStream:
-    def __init__(self, cache: SnapshotCache, context: grpc.aio.ServicerContext):
+class _Stream:
+    """What both variants share: the inbox loop, the node, the callbacks."""
+
+    def __init__(self, cache: SnapshotCache, callbacks: Callbacks, context: grpc.aio.ServicerContext):
         self.cache = cache
+        self.callbacks = callbacks
         self.context = context
         self.node: NodeInfo | None = None
-        self.types: dict[str, _TypeState] = {t: _TypeState() for t in PUSH_ORDER}
         # requests from Envoy, SNAPSHOT_CHANGED from the cache, END when Envoy hangs up
         self.inbox: asyncio.Queue = asyncio.Queue()
 
@@ -63,13 +68,16 @@ class AdsStream:
                     return
                 if item is not SNAPSHOT_CHANGED:
                     await self._handle(item)
-                await self._flush()
+                snapshot = self.cache.snapshot(self.node.id) if self.node else None
+                if snapshot is not None:
+                    await self._flush(snapshot)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             if self.node:
-                self.cache.detach(self.node.id, self.inbox)
+                self.cache.unwatch(self.node.id, self.inbox)
+                self.callbacks.on_stream_closed(self.node.id)
                 log.info("xDS: node %s disconnected", self.node.id)
 
     async def _read(self, request_iterator) -> None:
@@ -79,13 +87,49 @@ class AdsStream:
         finally:
             self.inbox.put_nowait(END)
 
+    async def _attach(self, request) -> None:
+        if self.node is not None:
+            return
+        if not request.node.id:
+            await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first request must carry the node")
+        self.node = NodeInfo.from_node(request.node.id, request.node.cluster, request.node.metadata)
+        self.callbacks.on_node(self.node)
+        self.cache.watch(self.node.id, self.inbox)
+        log.info("xDS: node %s connected (%s, role %s, service %s)", self.node.id, type(self).__name__, self.node.role, self.node.service)
+
+    def _nacked(self, type_url: str, version: str, request) -> None:
+        log.error(
+            "xDS: node %s rejected %s version %s: %s",
+            self.node.id, _short(type_url), version, request.error_detail.message,
+        )
+        self.callbacks.on_nack(self.node.id, type_url, version, request.error_detail.message)
+
+    async def _handle(self, request) -> None:
+        raise NotImplementedError
+
+    async def _flush(self, snapshot: Snapshot) -> None:
+        raise NotImplementedError
+
+
+# --- state of the world
+@dataclass
+class _SotwType:
+    open: bool = False  # Envoy has asked for this type (a watch is open)
+    names: list[str] = field(default_factory=list)
+    sent_version: str | None = None
+    sent_names: list[str] | None = None
+    nonce: str = ""
+    pending: bool = False  # a response awaits its ACK/NACK
+    stale: bool = False  # re-send even at the same version (an EDS cluster changed)
+
+
+class SotwStream(_Stream):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.types = {t: _SotwType() for t in PUSH_ORDER}
+
     async def _handle(self, request: discovery_pb2.DiscoveryRequest) -> None:
-        if self.node is None:
-            if not request.node.id:
-                await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first request must carry the node")
-            self.node = NodeInfo.from_node(request.node.id, request.node.cluster, request.node.metadata)
-            self.cache.attach(self.node, self.inbox)
-            log.info("xDS: node %s connected (role %s, service %s)", self.node.id, self.node.role, self.node.service)
+        await self._attach(request)
         state = self.types.get(request.type_url)
         if state is None:
             log.debug("xDS: %s asked for unsupported type %s", self.node.id, request.type_url)
@@ -98,57 +142,175 @@ class AdsStream:
             return  # initial request (or re-subscription after reconnect)
         state.pending = False
         if request.HasField("error_detail"):
-            log.error(
-                "xDS: node %s rejected %s version %s (keeps %s): %s",
-                self.node.id, _short(request.type_url), state.sent_version,
-                request.version_info or "none", request.error_detail.message,
-            )
-            await self.cache.record_nack(self.node.id, request.type_url, state.sent_version or "", request.error_detail.message)
+            self._nacked(request.type_url, state.sent_version or "", request)
         else:
-            await self.cache.record_ack(self.node.id, request.type_url, request.version_info)
+            self.callbacks.on_ack(self.node.id, request.type_url, request.version_info)
 
-    async def _flush(self) -> None:
-        if self.node is None:
-            return
-        snapshot = self.cache.snapshot(self.node.id)
+    async def _flush(self, snapshot: Snapshot) -> None:
         for type_url in PUSH_ORDER:
             state = self.types[type_url]
-            if not state.open:
+            if not state.open or state.pending:
                 continue
-            version = snapshot.versions[type_url]
-            if state.sent_version == version and state.sent_names == state.names:
+            version = snapshot.version(type_url)
+            if state.sent_version == version and state.sent_names == state.names and not state.stale:
                 continue
-            if type_url in (LISTENER, ROUTE) and self._warming():
+            if type_url in _AFTER_WARMING and self._warming():
                 continue  # re-flushed when the cluster/endpoint ACK arrives
-            if type_url == ROUTE and self.types[LISTENER].pending:
+            if type_url in (SCOPED_ROUTE, ROUTE) and self.types[LISTENER].pending:
                 continue
             await self._send(type_url, version, snapshot.select(type_url, state.names), state)
+            if type_url == CLUSTER:
+                # Envoy keeps a modified EDS cluster warming until it sees its endpoints again
+                self.types[ENDPOINT].stale = True
 
     def _warming(self) -> bool:
         return self.types[CLUSTER].pending or self.types[ENDPOINT].pending
 
-    async def _send(self, type_url: str, version: str, resources, state: _TypeState) -> None:
+    async def _send(self, type_url: str, version: str, resources, state: _SotwType) -> None:
         state.nonce = str(next(_nonces))
         state.sent_version = version
         state.sent_names = list(state.names)
         state.pending = True
-        self.cache.pushes += 1
-        await self.context.write(
-            discovery_pb2.DiscoveryResponse(version_info=version, resources=resources, type_url=type_url, nonce=state.nonce)
-        )
+        state.stale = False
+        response = discovery_pb2.DiscoveryResponse(version_info=version, resources=resources, type_url=type_url, nonce=state.nonce)
+        self.callbacks.on_push(response.ByteSize())
+        await self.context.write(response)
         log.debug("xDS: pushed %s v%s (%d resources) to %s", _short(type_url), version, len(resources), self.node.id)
 
 
-def _short(type_url: str) -> str:
-    return type_url.rsplit(".", 1)[-1]
+# --- incremental (delta)
+@dataclass
+class _DeltaType:
+    open: bool = False
+    wildcard: bool = False
+    subscribed: set[str] = field(default_factory=set)
+    known: dict[str, str] = field(default_factory=dict)  # name -> version Envoy holds (or was sent)
+    dirty: set[str] = field(default_factory=set)  # names to look at whatever the history says
+    generations: dict[str, int] = field(default_factory=dict)  # lineage -> generation last diffed
+    nonce: str = ""
+    pending: bool = False
+    pending_version: str = ""
+    answer: bool = False  # Envoy waits for a first answer to a new subscription, even an empty one
+
+
+class DeltaStream(_Stream):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.types = {t: _DeltaType() for t in PUSH_ORDER}
+
+    async def _handle(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        await self._attach(request)
+        state = self.types.get(request.type_url)
+        if state is None:
+            log.debug("xDS: %s asked for unsupported type %s", self.node.id, request.type_url)
+            return
+        if request.response_nonce:
+            if request.response_nonce != state.nonce:
+                return  # stale
+            state.pending = False
+            if request.HasField("error_detail"):
+                self._nacked(request.type_url, state.pending_version, request)
+            else:
+                self.callbacks.on_ack(self.node.id, request.type_url, state.pending_version)
+        if not state.open:
+            state.open = True
+            state.answer = True
+            state.known.update(request.initial_resource_versions)
+            # the legacy wildcard: a first request naming nothing subscribes to everything
+            state.wildcard = not request.resource_names_subscribe or "*" in request.resource_names_subscribe
+            state.generations.clear()
+        subscribe = set(request.resource_names_subscribe) - {"*"}
+        state.subscribed |= subscribe
+        state.dirty |= subscribe
+        state.answer |= bool(subscribe)
+        for name in request.resource_names_unsubscribe:
+            if name == "*":
+                state.wildcard = False
+            state.subscribed.discard(name)
+            state.known.pop(name, None)
+
+    def _changed_names(self, snapshot: Snapshot, type_url: str, state: _DeltaType) -> set[str] | None:
+        """Names that may differ from what Envoy holds; None: compare everything."""
+        names = set(state.dirty)
+        layers = snapshot.layers.get(type_url, ())
+        for layer in layers:
+            since = state.generations.get(layer.lineage)
+            if since is None:
+                return None
+            changed = layer.changed_since(since)
+            if changed is None:
+                return None
+            names |= changed
+        if set(state.generations) != {layer.lineage for layer in layers}:
+            return None  # a layer left: its names must be removed
+        return names
+
+    async def _flush(self, snapshot: Snapshot) -> None:
+        for type_url in PUSH_ORDER:
+            state = self.types[type_url]
+            if not state.open or state.pending:
+                continue
+            if type_url in _AFTER_WARMING and (self.types[CLUSTER].pending or self.types[ENDPOINT].pending):
+                continue
+            if type_url in (SCOPED_ROUTE, ROUTE) and self.types[LISTENER].pending:
+                continue
+            candidates = self._changed_names(snapshot, type_url, state)
+            if candidates is None:
+                candidates = set(state.known) | state.dirty | {r.name for r in snapshot.resources(type_url)}
+            upserts, removals = [], []
+            for name in sorted(candidates):
+                if not (state.wildcard or name in state.subscribed):
+                    continue
+                current = snapshot.get(type_url, name)
+                if current is None:
+                    # a name Envoy asked for that does not exist is answered as removed, so Envoy
+                    # does not wait for it until its initial fetch times out
+                    if name in state.known or name in state.dirty:
+                        removals.append(name)
+                elif state.known.get(name) != current.version:
+                    upserts.append(current)
+            state.dirty.clear()
+            state.generations = {layer.lineage: layer.generation for layer in snapshot.layers.get(type_url, ())}
+            version = snapshot.version(type_url)
+            if not upserts and not removals and not state.answer:
+                self.callbacks.on_ack(self.node.id, type_url, version)  # nothing Envoy needs: settled as it is
+                continue
+            await self._send(type_url, version, upserts, removals, state)
+            if type_url == CLUSTER:
+                # Envoy keeps a modified EDS cluster warming until it sees its endpoints again
+                endpoints = self.types[ENDPOINT]
+                for r in upserts:
+                    if endpoints.known.pop(r.name, None) is not None:
+                        endpoints.dirty.add(r.name)
+
+    async def _send(self, type_url: str, version: str, upserts, removals: list[str], state: _DeltaType) -> None:
+        state.answer = False
+        state.nonce = str(next(_nonces))
+        state.pending = True
+        state.pending_version = version
+        for r in upserts:
+            state.known[r.name] = r.version
+        for name in removals:
+            state.known.pop(name, None)
+        response = discovery_pb2.DeltaDiscoveryResponse(
+            system_version_info=version,
+            type_url=type_url,
+            nonce=state.nonce,
+            resources=[discovery_pb2.Resource(name=r.name, version=r.version, resource=r.body) for r in upserts],
+            removed_resources=removals,
+        )
+        self.callbacks.on_push(response.ByteSize())
+        await self.context.write(response)
+        log.debug("xDS: delta %s v%s (+%d -%d) to %s", _short(type_url), version, len(upserts), len(removals), self.node.id)
 
 
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self, cache: SnapshotCache):
+    def __init__(self, cache: SnapshotCache, callbacks: Callbacks):
         self.cache = cache
+        self.callbacks = callbacks
 
     async def StreamAggregatedResources(self, request_iterator, context):
-        await AdsStream(self.cache, context).run(request_iterator)
+        await SotwStream(self.cache, self.callbacks, context).run(request_iterator)
 
     async def DeltaAggregatedResources(self, request_iterator, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Sluice serves state-of-the-world ADS only")
+        await DeltaStream(self.cache, self.callbacks, context).run(request_iterator)

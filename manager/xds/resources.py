@@ -1,17 +1,23 @@
 """Builds each Envoy sidecar's listeners, routes, clusters and endpoints.
 
 A sidecar says what it fronts in its bootstrap's node metadata (``sluice.*`` keys:
-role, ingress port, local service port, protocol); the mesh state says which
-runtimes and pipeline stages exist. From the two, ``build_resources`` makes the
-xDS v3 messages for that node:
+role, ingress port, local service port, protocol); the mesh says which runtimes and
+pipelines exist. From the two come the xDS v3 messages:
 
-* every sidecar: an ``ingress`` listener on its public port to its local process;
-* the gateway's sidecar, also: an ``egress`` listener (gRPC, h2c) whose RDS route
-  table has one route per pipeline stage, matched on the ``x-sluice-route`` header,
-  to an EDS cluster per runtime, with the stage's timeout and retry policy.
+* every sidecar (``node_resources``): an ``ingress`` listener on its public port to
+  its local process, over RDS;
+* the gateway's sidecar, also: an ``egress`` listener (gRPC, h2c) whose HTTP
+  connection manager uses scoped routes: one route scope per pipeline
+  (``pipeline_scope``), keyed on the ``x-sluice-pipeline`` header, holding inline the
+  routes of every live revision of that pipeline (one per stage, matched on
+  ``x-sluice-route``, with the stage's timeout and retry policy) to an EDS cluster per
+  runtime (``runtime_cluster_resource``, ``endpoints_resource``). A change to one
+  pipeline is then one scope resource, whatever the number of pipelines.
 
-Tracing (Zipkin) is added to every HTTP connection manager when the mesh state
-names a collector.
+A call that matches no route (no scope for its pipeline, or no route for its stage)
+gets a 404 whose body is ``sluice.wire.UNROUTED``: it reached no runtime, and the
+gateway may retry it. Tracing (Zipkin) is added to every HTTP connection manager when
+the mesh names a collector.
 """
 
 from __future__ import annotations
@@ -26,27 +32,29 @@ from typing import Any
 import envoy.config.cluster.v3.cluster_pb2 as cluster_pb2
 import envoy.config.endpoint.v3.endpoint_pb2 as endpoint_pb2
 import envoy.config.listener.v3.listener_pb2 as listener_pb2
+import envoy.config.route.v3.route_components_pb2 as route_components_pb2
 import envoy.config.route.v3.route_pb2 as route_pb2
+import envoy.config.route.v3.scoped_route_pb2 as scoped_route_pb2
 import envoy.config.trace.v3.zipkin_pb2  # noqa: F401
 import envoy.extensions.filters.http.router.v3.router_pb2  # noqa: F401
 import envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2  # noqa: F401
 import envoy.extensions.upstreams.http.v3.http_protocol_options_pb2  # noqa: F401
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2
 from google.protobuf.message import Message
+
+from sluice.plan import PipelinePlan
+from sluice.wire import (
+    EGRESS, INGRESS, MODEL_HEADER, PIPELINE_HEADER, ROUTE_HEADER, STAGE_HEADER, UNROUTED, ZIPKIN_CLUSTER,
+    pipeline_scope, runtime_cluster,
+)
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+SCOPED_ROUTE = "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 #: the order in which types are pushed: clusters warm before anything points at them
-PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
-
-ROUTE_HEADER = "x-sluice-route"
-#: the egress fallback route's answer: the call reached no runtime, so it is safe to retry
-UNROUTED = "sluice: no route for this stage"
-EGRESS_ROUTES = "egress"
-INGRESS_ROUTES = "ingress"
-ZIPKIN_CLUSTER = "zipkin"
+PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER = {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
@@ -91,32 +99,13 @@ class NodeInfo:
 
 
 @dataclass(frozen=True)
-class StageRoute:
-    key: str  # x-sluice-route value
-    runtime: str
-    timeout_ms: int
-    pipeline: str
-    stage: int
-    model: str
+class MeshSettings:
+    """What sidecar configuration depends on besides the node, the runtimes and the pipelines."""
 
-
-@dataclass(frozen=True)
-class MeshState:
-    """Everything sidecar configuration depends on besides the node itself."""
-
-    runtimes: frozenset[str] = frozenset()
-    endpoints: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()  # runtime -> ((host, port), ...)
-    routes: tuple[StageRoute, ...] = ()
     listener_address: str = "127.0.0.1"
     stage_retries: int = 2
     zipkin: tuple[str, int] | None = None
     trace_sample_percent: float = 100.0
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-
-def runtime_cluster(runtime: str) -> str:
-    # no dots: Envoy's stat tag extraction would split the name at them
-    return "runtime_" + runtime.replace(".", "_")
 
 
 def _parse(message: type[Message], d: dict[str, Any]) -> Message:
@@ -176,7 +165,7 @@ def _runtime_cluster(name: str) -> Message:
     )
 
 
-def _tracing(state: MeshState, node: NodeInfo, direction: str) -> dict[str, Any] | None:
+def _tracing(state: MeshSettings, node: NodeInfo, direction: str) -> dict[str, Any] | None:
     if state.zipkin is None:
         return None
     return {
@@ -197,14 +186,14 @@ def _tracing(state: MeshState, node: NodeInfo, direction: str) -> dict[str, Any]
         "custom_tags": [
             {"tag": "sluice.node", "literal": {"value": node.id}},
             {"tag": "sluice.direction", "literal": {"value": direction}},
-            {"tag": "sluice.pipeline", "request_header": {"name": "x-sluice-pipeline"}},
-            {"tag": "sluice.stage", "request_header": {"name": "x-sluice-stage"}},
-            {"tag": "sluice.model", "request_header": {"name": "x-sluice-model"}},
+            {"tag": "sluice.pipeline", "request_header": {"name": PIPELINE_HEADER}},
+            {"tag": "sluice.stage", "request_header": {"name": STAGE_HEADER}},
+            {"tag": "sluice.model", "request_header": {"name": MODEL_HEADER}},
         ],
     }
 
 
-def _hcm(stat_prefix: str, route_spec: dict[str, Any], tracing: dict[str, Any] | None) -> dict[str, Any]:
+def _hcm(stat_prefix: str, route_spec: dict[str, Any], tracing: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "@type": _HCM,
         "stat_prefix": stat_prefix,
@@ -213,6 +202,7 @@ def _hcm(stat_prefix: str, route_spec: dict[str, Any], tracing: dict[str, Any] |
         "generate_request_id": True,
         "stream_idle_timeout": "300s",
         **route_spec,
+        **extra,
     }
     if tracing:
         config["tracing"] = tracing
@@ -234,7 +224,7 @@ def _rds(name: str) -> dict[str, Any]:
     return {"rds": {"route_config_name": name, "config_source": {"ads": {}, "resource_api_version": "V3"}}}
 
 
-def _ingress(node: NodeInfo, state: MeshState) -> tuple[Message, Message, list[Message]]:
+def _ingress(node: NodeInfo, state: MeshSettings) -> tuple[Message, Message, list[Message]]:
     local = "local_" + node.service.replace(".", "_")
     clusters = [_static_cluster(local, node.service_port, h2=node.protocol == "grpc")]
     routes: list[dict[str, Any]] = []
@@ -250,65 +240,45 @@ def _ingress(node: NodeInfo, state: MeshState) -> tuple[Message, Message, list[M
     routes.append({"match": {"prefix": "/"}, "route": {"cluster": local, "timeout": "0s"}})
     route_config = _parse(
         route_pb2.RouteConfiguration,
-        {"name": INGRESS_ROUTES, "virtual_hosts": [{"name": "local", "domains": ["*"], "routes": routes}]},
+        {"name": INGRESS, "virtual_hosts": [{"name": "local", "domains": ["*"], "routes": routes}]},
     )
-    hcm = _hcm("ingress", _rds(INGRESS_ROUTES), _tracing(state, node, "ingress"))
-    return _listener("ingress", state.listener_address, node.ingress_port, hcm), route_config, clusters
+    hcm = _hcm(INGRESS, _rds(INGRESS), _tracing(state, node, "ingress"))
+    return _listener(INGRESS, state.listener_address, node.ingress_port, hcm), route_config, clusters
 
 
-def _egress_routes(state: MeshState) -> Message:
-    retry_on = "connect-failure,refused-stream,reset,unavailable"
-    routes = [
-        {
-            "name": r.key,
-            "match": {"prefix": "/", "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": r.key}}]},
-            "route": {
-                "cluster": runtime_cluster(r.runtime),
-                "timeout": f"{r.timeout_ms / 1000:.3f}s",
-                "retry_policy": {
-                    "retry_on": retry_on,
-                    "num_retries": state.stage_retries,
-                    "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
-                },
-            },
-            "decorator": {"operation": f"{r.pipeline}/{r.stage} {r.model}"},
+def _scoped_routes() -> dict[str, Any]:
+    return {
+        "scoped_routes": {
+            "name": EGRESS,
+            "scope_key_builder": {"fragments": [{"header_value_extractor": {"name": PIPELINE_HEADER, "index": 0}}]},
+            "rds_config_source": {"ads": {}, "resource_api_version": "V3"},
+            "scoped_rds": {"scoped_rds_config_source": {"ads": {}, "resource_api_version": "V3"}},
         }
-        for r in state.routes
-    ]
-    routes.append(
-        {
-            "name": "unknown-stage",
-            "match": {"prefix": "/"},
-            "direct_response": {"status": 404, "body": {"inline_string": UNROUTED}},
-        }
-    )
-    return _parse(
-        route_pb2.RouteConfiguration,
-        {"name": EGRESS_ROUTES, "virtual_hosts": [{"name": "stages", "domains": ["*"], "routes": routes}]},
-    )
+    }
 
 
-def build_resources(node: NodeInfo, state: MeshState) -> dict[str, list[Message]]:
-    """All xDS resources for one sidecar, by type URL."""
+#: a call that met no route reached no runtime: say so in the body, for the gateway's retry
+_NO_ROUTE_REPLY = {
+    "local_reply_config": {
+        "mappers": [
+            {
+                "filter": {"response_flag_filter": {"flags": ["NR"]}},
+                "status_code": 404,
+                "body": {"inline_string": UNROUTED},
+            }
+        ]
+    }
+}
+
+
+def node_resources(node: NodeInfo, state: MeshSettings) -> dict[str, list[Message]]:
+    """What one sidecar needs for itself: its listeners, local clusters, ingress routes
+    (and the Zipkin cluster). The mesh-wide resources are layered beside these."""
     listener, ingress_routes, clusters = _ingress(node, state)
     listeners = [listener]
-    route_configs: list[Message] = [ingress_routes]
-    assignments: list[Message] = []
     if node.role == "gateway" and node.egress_port:
-        hcm = _hcm("egress", _rds(EGRESS_ROUTES), _tracing(state, node, "egress"))
-        listeners.append(_listener("egress", "127.0.0.1", node.egress_port, hcm))
-        route_configs.append(_egress_routes(state))
-        endpoints = dict(state.endpoints)
-        for runtime in sorted(state.runtimes):
-            name = runtime_cluster(runtime)
-            clusters.append(_runtime_cluster(name))
-            lb = [{"endpoint": {"address": _address(_ip(h), p)}} for h, p in endpoints.get(runtime, ())]
-            assignments.append(
-                _parse(
-                    endpoint_pb2.ClusterLoadAssignment,
-                    {"cluster_name": name, "endpoints": [{"lb_endpoints": lb}] if lb else []},
-                )
-            )
+        hcm = _hcm(EGRESS, _scoped_routes(), _tracing(state, node, "egress"), **_NO_ROUTE_REPLY)
+        listeners.append(_listener(EGRESS, "127.0.0.1", node.egress_port, hcm))
     if state.zipkin is not None:
         host, port = state.zipkin
         clusters.append(
@@ -325,4 +295,51 @@ def build_resources(node: NodeInfo, state: MeshState) -> dict[str, list[Message]
                 },
             )
         )
-    return {CLUSTER: clusters, ENDPOINT: assignments, LISTENER: listeners, ROUTE: route_configs}
+    return {CLUSTER: clusters, LISTENER: listeners, ROUTE: [ingress_routes]}
+
+
+def runtime_cluster_resource(runtime: str) -> Message:
+    return _runtime_cluster(runtime_cluster(runtime))
+
+
+def endpoints_resource(runtime: str, endpoints: tuple[tuple[str, int], ...]) -> Message:
+    assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=runtime_cluster(runtime))
+    if endpoints:
+        locality = assignment.endpoints.add()
+        for host, port in endpoints:
+            address = locality.lb_endpoints.add().endpoint.address.socket_address
+            address.address, address.port_value = _ip(host), port
+    return assignment
+
+
+def retry_policy(retries: int) -> route_components_pb2.RetryPolicy:
+    policy = route_components_pb2.RetryPolicy(retry_on="connect-failure,refused-stream,reset,unavailable")
+    policy.num_retries.value = retries
+    policy.retry_back_off.base_interval.FromMilliseconds(5)
+    policy.retry_back_off.max_interval.FromMilliseconds(50)
+    return policy
+
+
+def pipeline_scope_resource(name: str, revisions: list[PipelinePlan], retries: route_components_pb2.RetryPolicy) -> Message:
+    """One pipeline's route scope: the routes of each of its live revisions, inline.
+    Built proto by proto (no dict parsing): a bulk apply builds thousands."""
+    scope = scoped_route_pb2.ScopedRouteConfiguration(name=pipeline_scope(name))
+    scope.key.fragments.add().string_key = name
+    config = scope.route_configuration
+    config.name = pipeline_scope(name)
+    host = config.virtual_hosts.add(name=name, domains=["*"])
+    for plan in revisions:
+        for index, stage in enumerate(plan.stages):
+            route = host.routes.add(name=stage.route)
+            route.match.prefix = "/"
+            header = route.match.headers.add(name=ROUTE_HEADER)
+            header.string_match.exact = stage.route
+            route.route.cluster = runtime_cluster(stage.runtime)
+            route.route.timeout.CopyFrom(duration_pb2.Duration(seconds=stage.timeout_ms // 1000, nanos=stage.timeout_ms % 1000 * 1_000_000))
+            route.route.retry_policy.CopyFrom(retries)
+            route.decorator.operation = f"{plan.name}/{index} {stage.model}"
+    fallback = host.routes.add(name="unknown-stage")
+    fallback.match.prefix = "/"
+    fallback.direct_response.status = 404
+    fallback.direct_response.body.inline_string = UNROUTED
+    return scope

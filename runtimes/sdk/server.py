@@ -42,6 +42,7 @@ from runtimes.sdk import metrics
 from runtimes.sdk.model import Model
 from runtimes.sdk.models import ModelLoadFailed, ModelNotFound, ModelSet, NoRepository
 from sluice.versions import version_key
+from sluice.wire import PIPELINE_HEADER, STAGE_HEADER
 from runtimes.sdk.repository import ModelNotInRepository, RepositoryUnavailable
 from sluice.tensors import TensorError, fill_response, request_inputs
 from sluice.tracing import Tracing
@@ -179,8 +180,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             attributes = {
                 "sluice.runtime": self.name,
                 "sluice.model": request.model_name,
-                "sluice.pipeline": metadata.get("x-sluice-pipeline", ""),
-                "sluice.stage": metadata.get("x-sluice-stage", ""),
+                "sluice.pipeline": metadata.get(PIPELINE_HEADER, ""),
+                "sluice.stage": metadata.get(STAGE_HEADER, ""),
             }
             with self.tracing.server_span(f"infer {request.model_name}", metadata, attributes):
                 return await self._infer(request, context)

@@ -55,8 +55,11 @@ def test_routes_and_clusters_come_from_ads(iris, mesh):
     by_type = {c["@type"].rsplit(".", 1)[-1]: c for c in dump}
     routes = by_type["RoutesConfigDump"]
     assert not routes.get("static_route_configs")
-    dynamic = routes["dynamic_route_configs"]
-    names = {r.get("name") for rc in dynamic for vh in rc["route_config"]["virtual_hosts"] for r in vh["routes"]}
+    assert [rc["route_config"]["name"] for rc in routes["dynamic_route_configs"]] == ["ingress"]
+    # the stage routes live in the pipeline's own route scope on the egress, keyed by its name
+    scopes = by_type["ScopedRoutesConfigDump"]["dynamic_scoped_route_configs"]
+    (iris,) = [s for c in scopes for s in c["scoped_route_configs"] if s["key"]["fragments"][0]["string_key"] == "iris"]
+    names = {r.get("name") for vh in iris["route_configuration"]["virtual_hosts"] for r in vh["routes"]}
     assert {"iris.r1.s0", "iris.r1.s1"} <= names
     clusters = by_type["ClustersConfigDump"]
     assert [c["cluster"]["name"] for c in clusters["static_clusters"]] == ["xds"]

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 import grpc
+from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,6 +27,7 @@ from manager.registry.base import Endpoint
 from manager.registry.consul import ConsulRegistry, Instance, instances, next_index
 from manager.settings import ManagerSettings
 from manager.store import Store
+from sluice.wire import runtime_cluster
 from runtimes.sdk.app import _registration
 from runtimes.sdk.consul import ConsulRegistration
 from runtimes.sdk.model import Model, ModelArtifact
@@ -348,7 +350,9 @@ async def test_manager_learns_signatures_of_a_discovered_runtime(fake: FakeConsu
         row = control.runtimes["echoes"]
         assert row.kind == "python"
         assert row.models["echo"]["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
-        assert ("echoes", (("127.0.0.1", port),)) in control._mesh_state().endpoints
+        assignment = ClusterLoadAssignment.FromString(control.layers.endpoints.items[runtime_cluster("echoes")].body.value)
+        addresses = [e.endpoint.address.socket_address for e in assignment.endpoints[0].lb_endpoints]
+        assert [(a.address, a.port_value) for a in addresses] == [("127.0.0.1", port)]
         assert store.runtimes()[0].name == "echoes"
     finally:
         await control.stop()

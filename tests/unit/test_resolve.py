@@ -1,14 +1,18 @@
-"""manager.resolve + manager.schemas: pipeline definitions checked against model signatures."""
+"""manager.resolve + manager.schemas: pipeline definitions checked against model signatures,
+resolved into a typed ``sluice.plan.PipelinePlan``."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
-from manager.resolve import resolve, route_key
+from manager.resolve import resolve
 from manager.schemas import PipelineSpec, StageSpec, parse_chain_entry
 from manager.store import RuntimeRow
 from sluice.errors import ApiError
+from sluice.plan import Binding, PipelinePlan, StagePlan
+from sluice.tensors import TensorSpec
+from sluice.wire import route_key
 
 SCIKIT = "serving-customscikit"
 SPARK = "serving-localml-spark"
@@ -54,8 +58,14 @@ RUNTIMES = {
 }
 
 
-def _resolve(body: dict, revision: int = 1) -> list[dict]:
-    return resolve(PipelineSpec.model_validate(body), revision, RUNTIMES, DEFAULT_TIMEOUT)
+def _resolve(body: dict, revision: int = 1) -> PipelinePlan:
+    plan = resolve(PipelineSpec.model_validate(body), revision, RUNTIMES, DEFAULT_TIMEOUT)
+    assert isinstance(plan, PipelinePlan)
+    return plan
+
+
+def _bindings(stage: StagePlan) -> dict[str, str]:
+    return {b.input: b.source for b in stage.bindings}
 
 
 def _refused(body: dict) -> ApiError:
@@ -71,16 +81,35 @@ SEED = {"name": "endpointML", "transportType": "http", "chain": [f"{SCIKIT}/pm_s
 # --- resolution ---------------------------------------------------------------------
 
 
-def test_seed_chain_resolves() -> None:
-    stages = _resolve(SEED, revision=3)
-    assert [s["name"] for s in stages] == [f"{SCIKIT}/pm_scikit", f"{SPARK}/pm_spark"]
-    assert [s["route"] for s in stages] == ["endpointML.r3.s0", "endpointML.r3.s1"]
-    assert [s["timeout_ms"] for s in stages] == [DEFAULT_TIMEOUT, DEFAULT_TIMEOUT]
-    assert stages[0]["bindings"] == {}
-    assert stages[1]["bindings"] == {"scaled": "scaled"}
-    assert stages[1]["inputs"] == [_t("scaled", "FP32", -1, 4)]
-    assert [o["name"] for o in stages[1]["outputs"]] == ["label", "proba"]
-    assert stages[0]["version"] is None
+def test_seed_chain_resolves_to_the_full_plan() -> None:
+    plan = _resolve(SEED, revision=3)
+    scaled = TensorSpec("scaled", "FP32", (-1, 4))
+    assert plan == PipelinePlan(
+        name="endpointML",
+        revision=3,
+        transport="http",
+        stages=(
+            StagePlan(
+                name=f"{SCIKIT}/pm_scikit", runtime=SCIKIT, model="pm_scikit", version="", route="endpointML.r3.s0",
+                timeout_ms=DEFAULT_TIMEOUT, inputs=(TensorSpec("features", "FP32", (-1, 4)),), outputs=(scaled,),
+            ),
+            StagePlan(
+                name=f"{SPARK}/pm_spark", runtime=SPARK, model="pm_spark", version="", route="endpointML.r3.s1",
+                timeout_ms=DEFAULT_TIMEOUT, inputs=(scaled,),
+                outputs=(TensorSpec("label", "INT64", (-1,)), TensorSpec("proba", "FP32", (-1, 3))),
+                bindings=(Binding("scaled", "scaled"),),
+            ),
+        ),
+    )
+    assert plan.key == ("endpointML", 3)
+    assert plan.inputs == plan.stages[0].inputs and [o.name for o in plan.outputs] == ["label", "proba"]
+    assert plan.stages[0].bindings == ()  # the first stage is fed by the request
+    assert isinstance(plan.stages[1].inputs[0].shape, tuple)
+
+
+def test_transport_comes_from_the_definition() -> None:
+    assert _resolve({**SEED, "transportType": "grpc"}).transport == "grpc"
+    assert _resolve({"name": "p", "chain": [f"{SCIKIT}/pm_scikit"]}).transport == "http"
 
 
 def test_chain_and_stages_forms_resolve_identically() -> None:
@@ -93,14 +122,20 @@ def test_chain_and_stages_forms_resolve_identically() -> None:
     assert _resolve(with_version) == _resolve({"name": "p", "stages": [{"runtime": SCIKIT, "model": "pm_scikit", "version": "2"}]})
 
 
+def test_routes_follow_the_revision() -> None:
+    plan = _resolve(SEED, revision=12)
+    assert [s.route for s in plan.stages] == [route_key("endpointML", 12, i) for i in range(2)]
+    assert _resolve(SEED, revision=7) == plan.at_revision(7)
+
+
 def test_route_key() -> None:
     assert route_key("endpointML", 12, 0) == "endpointML.r12.s0"
 
 
 def test_chain_entry_with_version() -> None:
-    (stage,) = _resolve({"name": "p", "chain": [f"{SCIKIT}/pm_scikit:2"]})
-    assert stage["version"] == "2"
-    assert stage["name"] == f"{SCIKIT}/pm_scikit:2"
+    (stage,) = _resolve({"name": "p", "chain": [f"{SCIKIT}/pm_scikit:2"]}).stages
+    assert stage.version == "2"
+    assert stage.name == f"{SCIKIT}/pm_scikit:2"
 
 
 def test_stage_name_and_timeout_override() -> None:
@@ -112,9 +147,9 @@ def test_stage_name_and_timeout_override() -> None:
                 {"runtime": SPARK, "model": "pm_spark"},
             ],
         }
-    )
-    assert stages[0]["name"] == "scale" and stages[0]["timeout_ms"] == 250
-    assert stages[1]["timeout_ms"] == DEFAULT_TIMEOUT
+    ).stages
+    assert stages[0].name == "scale" and stages[0].timeout_ms == 250
+    assert stages[1].timeout_ms == DEFAULT_TIMEOUT
 
 
 def test_unknown_runtime() -> None:
@@ -142,8 +177,8 @@ def test_unknown_version() -> None:
 
 
 def test_any_version_accepted_when_the_model_lists_none() -> None:
-    (stage,) = _resolve({"name": "p", "chain": [f"{SCIKIT}/unversioned:9"]})
-    assert stage["version"] == "9"
+    (stage,) = _resolve({"name": "p", "chain": [f"{SCIKIT}/unversioned:9"]}).stages
+    assert stage.version == "9"
 
 
 @pytest.mark.parametrize(
@@ -173,16 +208,17 @@ def test_signature_mismatch_uses_the_stage_name() -> None:
 
 
 def test_variable_dimensions_are_compatible() -> None:
-    stages = _resolve({"name": "p", "chain": [f"{SCIKIT}/any_shape", f"{SPARK}/pm_spark"]})
-    assert stages[1]["bindings"] == {"scaled": "scaled"}
+    plan = _resolve({"name": "p", "chain": [f"{SCIKIT}/any_shape", f"{SPARK}/pm_spark"]})
+    assert plan.stages[1].bindings == (Binding("scaled", "scaled"),)
     # and the other way round: a fixed output feeds a variable input
-    stages = _resolve({"name": "p", "chain": [f"{SCIKIT}/pm_scikit", f"{SPARK}/any_in"]})
-    assert stages[1]["bindings"] == {"scaled": "scaled"}
+    plan = _resolve({"name": "p", "chain": [f"{SCIKIT}/pm_scikit", f"{SPARK}/any_in"]})
+    assert plan.stages[1].bindings == (Binding("scaled", "scaled"),)
 
 
 def test_single_input_single_output_binds_by_position() -> None:
-    stages = _resolve({"name": "p", "chain": [f"{SCIKIT}/pm_scikit", f"{SPARK}/positional"]})
-    assert stages[1]["bindings"] == {"x": "scaled"}
+    second = _resolve({"name": "p", "chain": [f"{SCIKIT}/pm_scikit", f"{SPARK}/positional"]}).stages[1]
+    assert second.bindings == (Binding("x", "scaled"),)
+    assert second.source_of("x") == "scaled"
 
 
 def test_positional_binding_needs_a_single_output() -> None:
@@ -200,8 +236,10 @@ def _explicit(first: str, second: str, inputs: dict[str, str]) -> dict:
 
 
 def test_explicit_bindings() -> None:
-    stages = _resolve(_explicit("two_out", "two_in", {"a": "scaled", "b": "norm"}))
-    assert stages[1]["bindings"] == {"a": "scaled", "b": "norm"}
+    second = _resolve(_explicit("two_out", "two_in", {"a": "scaled", "b": "norm"})).stages[1]
+    # one binding per input, in the order of the stage's signature
+    assert second.bindings == (Binding("a", "scaled"), Binding("b", "norm"))
+    assert _bindings(second) == {"a": "scaled", "b": "norm"}
 
 
 def test_explicit_binding_is_still_type_checked() -> None:
