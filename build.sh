@@ -39,7 +39,7 @@ generate_protos() {
 fetch_zipkin() {
   # The real Zipkin server for tracing (sluice up, tests): the exec jar from Maven Central.
   local version jar=.sluice/zipkin/zipkin-server-exec.jar
-  version=$("$PY" -c 'from sluice.zipkin import VERSION; print(VERSION)')
+  version=$("$PY" -c 'from sluice.local.zipkin import VERSION; print(VERSION)')
   if [ -f "$jar" ] && [ "$(cat .sluice/zipkin/VERSION 2>/dev/null)" = "$version" ]; then return; fi
   if ! command -v mvn >/dev/null || ! command -v java >/dev/null; then
     echo "    (no java/mvn: tracing stays off; Zipkin is not fetched)"

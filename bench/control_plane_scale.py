@@ -30,7 +30,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sluice.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
+from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
 
 CHAIN = ["scikit/iris_scaler", "scikit/iris_classifier"]
 RECORD = [{"sepal_length": 6.3, "sepal_width": 3.3, "petal_length": 6.0, "petal_width": 2.5}]

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from runtimes.sdk.model import ModelArtifact  # noqa: E402
 from runtimes.scikit.model import SklearnModel  # noqa: E402
-from sluice.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
+from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
 from sluice.tensors import to_raw  # noqa: E402
 
 FEATURES = ["sepal_length", "sepal_width", "petal_length", "petal_width"]

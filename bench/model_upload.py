@@ -39,7 +39,7 @@ from sklearn.pipeline import make_pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from sluice.client import Client  # noqa: E402
-from sluice.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
+from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
 from sluice.packaging import package  # noqa: E402
 
 STORE = ROOT / "models" / "store"

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from bench.mesh_latency import measure  # noqa: E402
 from models.listings import DEMO_RECORDS, listing_pairs  # noqa: E402
 from runtimes.scikit.transformers import COLUMNS  # noqa: E402
-from sluice.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
+from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
 
 PM = ["serving-customscikit/pm_scikit", "serving-localml-spark/pm_spark"]
 

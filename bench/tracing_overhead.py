@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.mesh_latency import RECORD, measure  # noqa: E402
-from sluice.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
-from sluice.procs import free_port  # noqa: E402
+from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
+from sluice.local.procs import free_port  # noqa: E402
 
 CHAIN = ["scikit/iris_scaler", "scikit/iris_classifier"]
 

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.mesh_latency import FEATURES, RECORD, measure  # noqa: E402
-from sluice.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
+from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
 
 CLIENTS = (1, 8, 32)
 PIPELINES = {

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Sidecar container entrypoint: fill envoy/bootstrap.yaml's ${VARS} from the environment
 # (envsubst, only the variables listed below) and exec Envoy. The container twin of
-# sluice/envoy.py, which fills the same template for local sidecars.
+# sluice/local/envoy.py, which fills the same template for local sidecars.
 #
 # Required: NODE_ID SERVICE ROLE INGRESS_PORT SERVICE_PORT XDS_HOST
 # Optional: PROTOCOL (http) EGRESS_PORT (0) GRPC_PORT (0) ADMIN_ADDRESS (127.0.0.1)

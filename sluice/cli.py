@@ -16,11 +16,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sluice import zipkin
+from sluice.local import zipkin
 from sluice.client import Client, SluiceError, default_token
-from sluice.mesh import LocalMesh, MeshPorts, default_runtimes, workdir_default
+from sluice.local.mesh import LocalMesh, MeshPorts, default_runtimes, workdir_default
 from sluice.metrics import histogram_quantiles
-from sluice.procs import StartError
+from sluice.local.procs import StartError
 
 app = typer.Typer(add_completion=False, help="Sluice: a pipeline-serving mesh for ML models.")
 console = Console()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from sluice.mesh import LocalMesh, MeshPorts, RuntimeSpec
+from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec
 
 IRIS_CHAIN = ["scikit/iris_scaler", "scikit/iris_classifier"]
 

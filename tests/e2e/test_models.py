@@ -28,7 +28,7 @@ from runtimes.sdk.model import ModelArtifact
 from runtimes.spark.model import load as load_spark
 from sluice.cli import app as cli
 from sluice.client import Client, ModelRef, SluiceError
-from sluice.mesh import LocalMesh, MeshPorts, RuntimeSpec
+from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec
 from tests.conftest import STORE, TRITON_REPOSITORY
 
 pytestmark = pytest.mark.e2e

@@ -18,7 +18,7 @@ import pytest
 
 from models.listings import DEMO_RECORDS
 from runtimes.scikit.transformers import COLUMNS
-from sluice.mesh import LocalMesh, MeshPorts, RuntimeSpec
+from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec
 from tests.conftest import ROOT, STORE
 
 pytestmark = pytest.mark.e2e

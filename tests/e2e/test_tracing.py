@@ -7,8 +7,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from sluice.mesh import LocalMesh, MeshPorts, RuntimeSpec
-from sluice.procs import free_port
+from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec
+from sluice.local.procs import free_port
 from tests.conftest import eventually
 from tests.e2e.conftest import IRIS_CHAIN
 

@@ -16,8 +16,8 @@ import onnxruntime as ort
 import pytest
 from sklearn.datasets import load_iris
 
-from sluice.mesh import LocalMesh, MeshPorts, RuntimeSpec
-from sluice.procs import Supervisor
+from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec
+from sluice.local.procs import Supervisor
 from tests.conftest import ROOT, STORE, TRITON_REPOSITORY, eventually
 
 pytestmark = pytest.mark.e2e

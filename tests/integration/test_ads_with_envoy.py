@@ -23,9 +23,9 @@ from manager.xds.layers import MeshLayers
 from manager.xds.resources import LISTENER, PUSH_ORDER, SCOPED_ROUTE, MeshSettings, NodeInfo
 from manager.xds.snapshot import ResourceSet, Snapshot, SnapshotCache, resource
 from manager.xds.status import NodeTracker
-from sluice.envoy import Sidecar
+from sluice.local.envoy import Sidecar
 from sluice.plan import PipelinePlan, StagePlan
-from sluice.procs import Supervisor, free_port
+from sluice.local.procs import Supervisor, free_port
 from sluice.tensors import TensorSpec
 from sluice.wire import route_key
 

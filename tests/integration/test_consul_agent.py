@@ -23,7 +23,7 @@ from manager.registry.base import Endpoint
 from manager.registry.consul import ConsulRegistry
 from runtimes.sdk.consul import ConsulRegistration
 from sluice import consul as sluice_consul
-from sluice.procs import Supervisor, free_port, wait_until
+from sluice.local.procs import Supervisor, free_port, wait_until
 
 NO_BINARY = (
     "no consul binary on PATH: the Consul backend is tested against an imitation of its HTTP API "

@@ -36,8 +36,8 @@ from sklearn.neighbors import KNeighborsRegressor
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from sluice.mesh import LocalMesh, MeshPorts, RuntimeSpec
-from sluice.procs import free_port, wait_until
+from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec
+from sluice.local.procs import free_port, wait_until
 from sluice.tensors import raw_outputs, response_outputs, to_raw
 from tests.conftest import ROOT, STORE
 

@@ -29,8 +29,8 @@ from manager.settings import ManagerSettings
 from repository.settings import RepositorySettings
 from runtimes.sdk.settings import RuntimeSettings
 from runtimes.triton.register import parse_args
-from sluice.envoy import envoy_binary
-from sluice.mesh import MeshPorts
+from sluice.local.envoy import envoy_binary
+from sluice.local.mesh import MeshPorts
 from sluice.settings import CommonSettings
 
 ROOT = Path(__file__).resolve().parents[2]

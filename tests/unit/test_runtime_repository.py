@@ -45,7 +45,7 @@ from runtimes.sdk.models import ModelSet
 from runtimes.sdk.registration import Registration
 from runtimes.sdk.repository import ModelRepository
 from runtimes.sdk.server import InferenceService
-from sluice.procs import Proc, Supervisor, free_port, grpc_serving, http_ok, wait_until
+from sluice.local.procs import Proc, Supervisor, free_port, grpc_serving, http_ok, wait_until
 from sluice.tensors import TensorSpec
 from tests.conftest import ROOT, STORE, TRITON_REPOSITORY
 

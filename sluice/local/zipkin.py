@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VERSION = "3.5.1"
 DEFAULT_JAR = ROOT / ".sluice" / "zipkin" / "zipkin-server-exec.jar"
 

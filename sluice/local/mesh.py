@@ -15,11 +15,11 @@ from pathlib import Path
 
 import httpx
 
-from sluice import zipkin
-from sluice.envoy import Sidecar
-from sluice.procs import Proc, StartError, Supervisor, free_port, grpc_serving, http_ok, wait_until
+from sluice.local import zipkin
+from sluice.local.envoy import Sidecar
+from sluice.local.procs import Proc, StartError, Supervisor, free_port, grpc_serving, http_ok, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
