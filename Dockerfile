@@ -28,7 +28,7 @@ COPY . .
 RUN python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. proto/sluice/v1/*.proto \
  && : >sluice/v1/__init__.py \
  && useradd --system --home-dir /app --shell /usr/sbin/nologin sluice \
- && mkdir -p /data && chown sluice /data
+ && mkdir -p /data /bootstrap && chown sluice /data /bootstrap
 
 USER sluice
 CMD ["python", "-m", "manager"]

@@ -108,7 +108,8 @@ async def run(requests: int) -> None:
             runtime = mesh.runtime("scikit")
             channels = {
                 "direct": grpc.aio.insecure_channel(f"127.0.0.1:{runtime.local_port}"),
-                "sidecar": grpc.aio.insecure_channel(f"127.0.0.1:{runtime.public_port}"),
+                # the runtime's sidecar takes mTLS only (the manager's or the gateway's identity)
+                "sidecar": grpc.aio.secure_channel(f"127.0.0.1:{runtime.public_port}", *mesh.runtime_grpc_credentials("scikit", "gateway")),
                 "egress": grpc.aio.insecure_channel(f"127.0.0.1:{mesh.ports.egress}"),
                 "gateway": grpc.aio.insecure_channel(f"127.0.0.1:{mesh.ports.gateway}"),
             }

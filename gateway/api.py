@@ -1,4 +1,6 @@
-"""The gateway's HTTP API: ``POST /serve/<pipeline>`` (and ``/api/v1/serve/<pipeline>``)."""
+"""The gateway's records API: ``POST /serve/<pipeline>`` (and ``/api/v1/serve/<pipeline>``).
+
+(OIP REST v2 is ``gateway.v2``; both count into the same metrics and statistics.)"""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ router = APIRouter()
 
 
 async def _serve(pipeline_name: str, request: Request) -> Response:
-    started = time.perf_counter()
+    started = time.perf_counter_ns()
     state = request.app.state
     pipeline = state.table.get(pipeline_name)
     if pipeline is None:
@@ -30,16 +32,16 @@ async def _serve(pipeline_name: str, request: Request) -> Response:
         span.set_attribute("sluice.pipeline", pipeline.name)
         span.set_attribute("sluice.revision", pipeline.revision)
     try:
-        response = await _run(pipeline, request)
+        response, marks, rows = await _run(pipeline, request)
     except ApiError as exc:
-        metrics.requests(pipeline.name, exc.status).inc()
+        metrics.answered(pipeline, exc.status, started)
         raise
-    metrics.requests(pipeline.name, response.status_code).inc()
-    metrics.request_seconds(pipeline.name).observe(time.perf_counter() - started)
+    metrics.answered(pipeline, response.status_code, started, marks, rows)
     return response
 
 
-async def _run(pipeline, request: Request) -> Response:
+async def _run(pipeline, request: Request) -> tuple[Response, tuple[int, int] | None, int]:
+    """The answer, and for a success when its inputs were read and its stages done, and its rows."""
     state = request.app.state
     pipeline_name = pipeline.name
     body = await request.body()
@@ -48,10 +50,11 @@ async def _run(pipeline, request: Request) -> Response:
         inputs = encode_inputs(pipeline, records)
     except TensorError as exc:
         raise ApiError(422, str(exc), "invalid_input", pipeline=pipeline_name) from None
+    read = time.perf_counter_ns()
     try:
         outputs = await state.executor.run(pipeline, inputs)
     except StageFailed as exc:
-        return error_response(
+        failed = error_response(
             exc.status,
             f"stage {exc.stage.index} ({exc.stage.name}) failed: {exc.message}",
             exc.code,
@@ -60,17 +63,20 @@ async def _run(pipeline, request: Request) -> Response:
             stage_name=exc.stage.name,
             model=exc.stage.model,
         )
+        return failed, None, 0
+    ran = time.perf_counter_ns()
     try:
         body = decode_outputs(outputs, single)
     except TensorError as exc:
         last = pipeline.stages[-1]
         raise ApiError(502, f"stage {last.index} ({last.name}) answered unreadable tensors: {exc}", "stage_bad_output",
                        pipeline=pipeline_name, stage=last.index) from None
-    return Response(
+    response = Response(
         body,
         media_type="application/json",
         headers={REVISION_HEADER: str(pipeline.revision)},
     )
+    return response, (read, ran), len(records)
 
 
 @router.post("/serve/{pipeline}", tags=["serve"])

@@ -1,4 +1,11 @@
-"""Wires the gateway: pipeline table and its watch, the stage executor, HTTP and gRPC APIs."""
+"""Wires the gateway: pipeline table and its watch, the stage executor, HTTP and gRPC APIs.
+
+HTTP: ``/serve/<p>`` (records, ``gateway.api``) and OIP REST v2 (``gateway.v2``); gRPC:
+OIP (``gateway.oip``). Both OIP front doors share one ``PipelineModels``. Paths under
+``/v2`` answer every error, the framework's own (unknown path, wrong method, a
+crash) included, in OIP's ``{"error": "..."}`` shape, and enforce the body limit
+themselves (so that its 413 is in that shape too).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +14,17 @@ import contextlib
 from contextlib import asynccontextmanager
 
 import grpc
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gateway.api import router
 from gateway.executor import Executor
+from gateway import v2
 from gateway.oip import PipelineInferenceService
-from gateway.pipelines import PipelineTable, watch_pipelines
+from gateway.oip_models import PipelineModels
+from gateway.pipelines import PipelineTable, WatchCredentials, watch_pipelines
 from gateway.settings import GatewaySettings
 from sluice.errors import error_response, install_error_handlers
 from sluice.limits import BodyLimitMiddleware
@@ -24,8 +35,10 @@ from sluice.tracing import TracingMiddleware, Tracing
 def create(settings: GatewaySettings, tracing: Tracing | None = None) -> tuple[FastAPI, grpc.aio.Server | None]:
     """Build the gateway; call from inside the running event loop (the channel binds to it)."""
     tracing = tracing or Tracing("gateway", None)
+    credentials = WatchCredentials.load(settings.xds_token, settings.xds_token_file, settings.xds_ca_file)
     table = PipelineTable()
     executor = Executor(table, settings.egress, settings.max_message_bytes, tracing)
+    models = PipelineModels(table, executor)
 
     grpc_server = None
     if settings.grpc_port:
@@ -36,12 +49,12 @@ def create(settings: GatewaySettings, tracing: Tracing | None = None) -> tuple[F
             ]
         )
         grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(PipelineInferenceService(table, executor), grpc_server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(PipelineInferenceService(table, executor, models), grpc_server)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         watcher = asyncio.create_task(
-            watch_pipelines(table, settings.manager_grpc, settings.node_id, settings.deadline_slack_ms)
+            watch_pipelines(table, settings.manager_grpc, settings.node_id, settings.deadline_slack_ms, credentials)
         )
         yield
         watcher.cancel()
@@ -52,8 +65,12 @@ def create(settings: GatewaySettings, tracing: Tracing | None = None) -> tuple[F
     app = FastAPI(title="Sluice gateway", version="0.1.0", lifespan=lifespan)
     app.state.table = table
     app.state.executor = executor
+    app.state.oip = models
+    app.state.max_body_bytes = settings.max_body_bytes
     install_error_handlers(app)
+    _oip_errors_on_v2(app)
     app.include_router(router)
+    app.include_router(v2.router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict:
@@ -66,6 +83,30 @@ def create(settings: GatewaySettings, tracing: Tracing | None = None) -> tuple[F
         return {"status": "ready", "pipelines": len(table.pipelines), "version": table.version}
 
     mount_metrics(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # /v2 reads its bodies under the same limit itself (gateway.v2), answering in OIP's shape
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, overrides={r"/v2(/|$)": 1 << 62})
     app.add_middleware(TracingMiddleware, tracing=tracing)
     return app, grpc_server
+
+
+def _oip_errors_on_v2(app: FastAPI) -> None:
+    """On ``/v2`` paths, the framework's errors in OIP's shape; elsewhere the project's."""
+    project = dict(app.exception_handlers)
+
+    def wrap(kind, status_of, message_of):
+        fallback = project[kind]
+
+        async def handler(request: Request, exc: Exception):
+            path = request.url.path
+            if path != "/v2" and not path.startswith("/v2/"):
+                return await fallback(request, exc)
+            response = v2.error(status_of(exc), message_of(exc))
+            for key, value in (getattr(exc, "headers", None) or {}).items():  # e.g. a 405's Allow
+                response.headers[key] = value
+            return response
+
+        app.add_exception_handler(kind, handler)
+
+    wrap(StarletteHTTPException, lambda e: e.status_code, lambda e: str(e.detail))
+    wrap(RequestValidationError, lambda e: 400, lambda e: f"invalid request: {e.errors()[0].get('msg', '') if e.errors() else ''}")
+    wrap(Exception, lambda e: 500, lambda e: f"internal error ({type(e).__name__})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from functools import lru_cache
 
 from prometheus_client import Counter, Histogram
@@ -33,3 +34,57 @@ def requests(pipeline: str, status: int):
 @lru_cache(maxsize=4096)
 def stage_seconds(pipeline: str, stage: int, model: str):
     return STAGE_SECONDS.labels(pipeline, str(stage), model)
+
+
+class PipelineStats:
+    """OIP statistics of one pipeline revision (``ModelStatistics``), kept as plain
+    counters beside the Prometheus series above, by the same code paths (``/serve``,
+    OIP REST, OIP gRPC). One object per held revision, created with its compiled
+    plan and gone with it, so their number is bounded by the pipelines served.
+
+    The gateway holds no queue of its own (a stage's queueing, e.g. Triton's dynamic
+    batching, is inside its call), so ``queue`` counts requests with 0 ns;
+    ``compute_input`` is reading and checking the request's tensors, ``compute_infer``
+    the stage calls, ``compute_output`` writing the answer.
+    """
+
+    __slots__ = (
+        "inference_count", "execution_count", "last_inference_ms",
+        "success_count", "success_ns", "fail_count", "fail_ns",
+        "input_ns", "infer_ns", "output_ns",
+    )
+
+    def __init__(self) -> None:
+        self.inference_count = self.execution_count = self.last_inference_ms = 0
+        self.success_count = self.success_ns = self.fail_count = self.fail_ns = 0
+        self.input_ns = self.infer_ns = self.output_ns = 0
+
+    def success(self, rows: int, started_ns: int, input_done_ns: int, infer_done_ns: int, done_ns: int) -> None:
+        """A request answered; the four ``time.perf_counter_ns()`` marks of its phases."""
+        self.inference_count += rows
+        self.execution_count += 1
+        self.success_count += 1
+        self.success_ns += done_ns - started_ns
+        self.input_ns += input_done_ns - started_ns
+        self.infer_ns += infer_done_ns - input_done_ns
+        self.output_ns += done_ns - infer_done_ns
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def failure(self, started_ns: int, done_ns: int) -> None:
+        self.fail_count += 1
+        self.fail_ns += done_ns - started_ns
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+
+def answered(pipeline, status: int, started_ns: int, marks: tuple[int, int] | None = None, rows: int = 0) -> None:
+    """Count one answered request of ``pipeline`` (a ``CompiledPipeline``) with HTTP
+    ``status``, in Prometheus and in its revision's statistics. ``marks``: when the
+    inputs were read and when the stages were done (``time.perf_counter_ns()``), for
+    a success."""
+    done = time.perf_counter_ns()
+    requests(pipeline.name, status).inc()
+    request_seconds(pipeline.name).observe((done - started_ns) / 1e9)
+    if status == 200 and marks is not None:
+        pipeline.stats.success(rows, started_ns, marks[0], marks[1], done)
+    else:
+        pipeline.stats.failure(started_ns, done)

@@ -1,55 +1,73 @@
 """The gateway's gRPC API: every pipeline is served as an OIP v2 model of its name.
 
-So ``tritonclient`` (or any OIP client) can call a whole pipeline exactly as it would
-call one model: ModelMetadata gives the first stage's inputs and the last stage's
-outputs, ModelInfer runs the chain.
+So ``tritonclient`` (or any OIP client or tool) can call a whole pipeline exactly as
+it would call one model on Triton: ServerLive/Ready/Metadata, ModelReady,
+ModelMetadata (the first stage's inputs, the last stage's outputs), ModelConfig,
+ModelStatistics, RepositoryIndex and ModelInfer, which runs the chain. What each
+answers is ``gateway.oip_models``' (shared with OIP REST); this module only maps it
+to gRPC: errors as status codes (unknown pipeline or version NOT_FOUND, bad input
+INVALID_ARGUMENT, a failing stage by its failure), inputs raw or typed (typed
+``BYTES`` included), outputs raw.
 """
 
 from __future__ import annotations
+
+import time
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from gateway.executor import Executor, StageFailed
+from gateway import metrics
+from gateway.codec import grpc_inputs
+from gateway.executor import Executor
+from gateway.oip_models import EXTENSIONS, SERVER_NAME, SERVER_VERSION, OipError, PipelineModels
 from gateway.pipelines import PipelineTable
-from sluice.tensors import TensorError, from_contents
+from sluice.tensors import TensorError
 from sluice.tracing import Tracing
-
-_HTTP_TO_GRPC = {
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
 
 
 class PipelineInferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, table: PipelineTable, executor: Executor):
+    def __init__(self, table: PipelineTable, executor: Executor, models: PipelineModels | None = None):
         self.table = table
         self.executor = executor
+        self.models = models or PipelineModels(table, executor)
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.table.ready.is_set())
+        return pb.ServerReadyResponse(ready=self.models.server_ready())
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
 
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self.table.get(request.name) is not None)
+        return pb.ModelReadyResponse(ready=self.models.ready(request.name, request.version))
 
     async def ModelMetadata(self, request, context):
-        pipeline = self.table.get(request.name)
-        if pipeline is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no pipeline {request.name!r}")
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=pipeline.name,
-            versions=[str(pipeline.revision)],
-            platform="sluice-pipeline",
-            inputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in pipeline.inputs],
-            outputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in pipeline.stages[-1].outputs],
-        )
+        try:
+            return self.models.metadata(self.models.resolve(request.name, request.version))
+        except OipError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def ModelConfig(self, request, context):
+        try:
+            pipeline = self.models.resolve(request.name, request.version)
+        except OipError as exc:
+            await context.abort(exc.code, exc.message)
+        return pb.ModelConfigResponse(config=await self.models.config(pipeline))
+
+    async def ModelStatistics(self, request, context):
+        try:
+            return self.models.statistics(request.name, request.version)
+        except OipError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def RepositoryIndex(self, request, context):
+        if request.repository_name:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no repository {request.repository_name!r}: the gateway has one, unnamed")
+        return self.models.index(request.ready)
 
     async def ModelInfer(self, request, context):
         tracing = self.executor.tracing
@@ -60,23 +78,26 @@ class PipelineInferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return await self._infer(request, context)
 
     async def _infer(self, request, context):
-        pipeline = self.table.get(request.model_name)
-        if pipeline is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no pipeline {request.model_name!r}")
+        started = time.perf_counter_ns()
         try:
-            inputs = {}
-            for i, t in enumerate(request.inputs):
-                raw = request.raw_input_contents[i] if request.raw_input_contents else from_contents(t.contents, t.datatype, t.shape).tobytes()
-                inputs[t.name] = (t.datatype, list(t.shape), raw)
-        except (TensorError, IndexError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            pipeline = self.models.resolve(request.model_name, request.model_version)
+        except OipError as exc:
+            metrics.requests("(unknown)", exc.status).inc()
+            await context.abort(exc.code, exc.message)
         try:
-            outputs = await self.executor.run(pipeline, inputs)
-        except StageFailed as exc:
-            code = _HTTP_TO_GRPC.get(exc.status, grpc.StatusCode.INTERNAL)
-            await context.abort(code, f"stage {exc.stage.index} ({exc.stage.name}) failed: {exc.message}")
-        response = pb.ModelInferResponse(model_name=pipeline.name, model_version=str(pipeline.revision), id=request.id)
+            try:
+                inputs = grpc_inputs(request)
+            except TensorError as exc:
+                raise OipError.invalid(str(exc)) from None
+            wanted = [o.name for o in request.outputs] or None
+            outputs, rows, checked = await self.models.infer(pipeline, inputs, wanted)
+        except OipError as exc:
+            metrics.answered(pipeline, exc.status, started)
+            await context.abort(exc.code, exc.message)
+        ran = time.perf_counter_ns()
+        response = pb.ModelInferResponse(model_name=pipeline.name, model_version=pipeline.version, id=request.id)
         for name, (datatype, shape, raw) in outputs.items():
             response.outputs.add(name=name, datatype=datatype, shape=shape)
             response.raw_output_contents.append(raw)
+        metrics.answered(pipeline, 200, started, (checked, ran), rows)
         return response

@@ -10,6 +10,11 @@ back-off; a new stream starts with the whole set again.
 A message is compiled first and then applied without an await in between, so a
 request never sees a half-applied one.
 
+A pipeline's revision is its OIP model version. While a replaced revision drains it
+is still *held*: ``get(name, version)`` finds it by its version (OIP's
+``model_version``), and ``held(name)`` lists every held revision; once drained
+it is forgotten. Holding and forgetting cost the size of the change too.
+
 An acknowledgement means "nothing here uses what this message dropped": requests
 still running on a replaced or removed revision are drained first (bounded by that
 revision's stage timeouts), because the manager withdraws the revision's Envoy
@@ -21,15 +26,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
+from gateway.metrics import PipelineStats
 from sluice.plan import PipelinePlan
 from sluice.plan_proto import from_proto
 from sluice.tensors import TensorSpec
 from sluice.v1 import pipeline_pb2, pipeline_pb2_grpc
-from sluice.wire import MODEL_HEADER, PIPELINE_HEADER, ROUTE_HEADER, STAGE_HEADER
+from sluice.wire import MANAGER_TLS_NAME, MODEL_HEADER, PIPELINE_HEADER, ROUTE_HEADER, STAGE_HEADER, XDS_TOKEN_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +63,21 @@ class CompiledPipeline:
     name: str
     revision: int
     stages: tuple[CompiledStage, ...]
+    #: this revision's OIP statistics (counters, mutable inside the frozen plan)
+    stats: PipelineStats = field(default_factory=PipelineStats, compare=False, repr=False)
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
         return self.stages[0].inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self.stages[-1].outputs
+
+    @property
+    def version(self) -> str:
+        """The OIP model version: the revision, as a string."""
+        return str(self.revision)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -101,9 +118,29 @@ class PipelineTable:
         self.ready = asyncio.Event()
         self._inflight: dict[tuple[str, int], int] = {}
         self._finished = asyncio.Event()
+        # revisions replaced or removed but still draining: name -> version -> revision
+        self._draining: dict[str, dict[str, CompiledPipeline]] = {}
 
-    def get(self, name: str) -> CompiledPipeline | None:
-        return self.pipelines.get(name)
+    def get(self, name: str, version: str = "") -> CompiledPipeline | None:
+        """The pipeline ``name`` now served, or with ``version`` that revision while it
+        is held (the current one, or a replaced one still draining). A deleted
+        pipeline is not served at any version."""
+        pipeline = self.pipelines.get(name)
+        if pipeline is None or not version or pipeline.version == version:
+            return pipeline
+        draining = self._draining.get(name)
+        return draining.get(version) if draining else None
+
+    def held(self, name: str) -> list[CompiledPipeline]:
+        """Every held revision of a served pipeline, oldest first (the current one last)."""
+        pipeline = self.pipelines.get(name)
+        if pipeline is None:
+            return []
+        draining = self._draining.get(name)
+        if not draining:
+            return [pipeline]
+        older = sorted((p for p in draining.values() if p is not pipeline), key=lambda p: p.revision)
+        return [*older, pipeline]
 
     def enter(self, pipeline: CompiledPipeline) -> None:
         """A request starts running ``pipeline`` (this revision)."""
@@ -135,12 +172,26 @@ class PipelineTable:
                 old = self.pipelines.pop(name, None)
                 if old is not None:
                     dropped.append(old)
+        for old in dropped:
+            self._draining.setdefault(old.name, {})[old.version] = old
         self.version = message.version
         self.ready.set()
         return dropped
 
     async def drain(self, dropped: list[CompiledPipeline]) -> None:
-        """Wait until no request runs on a dropped revision, at most their longest duration."""
+        """Wait until no request runs on a dropped revision, at most their longest
+        duration; then they are no longer held."""
+        try:
+            await self._drain(dropped)
+        finally:
+            for old in dropped:
+                draining = self._draining.get(old.name)
+                if draining is not None and draining.get(old.version) is old:
+                    del draining[old.version]
+                    if not draining:
+                        del self._draining[old.name]
+
+    async def _drain(self, dropped: list[CompiledPipeline]) -> None:
         keys = {p.key for p in dropped}
         deadline = time.monotonic() + max((p.max_duration_s for p in dropped), default=0)
         while keys & self._inflight.keys():
@@ -159,13 +210,35 @@ def _replaced(old: CompiledPipeline | None, new: CompiledPipeline | None) -> boo
     return old is not None and (new is None or new.key != old.key)
 
 
-async def watch_pipelines(table: PipelineTable, manager: str, node_id: str, deadline_slack_ms: int) -> None:
-    """Keep ``table`` current from the manager at ``manager``, forever (until cancelled)."""
+@dataclass(frozen=True)
+class WatchCredentials:
+    """How the gateway proves itself to the manager: its node token, sent as metadata on
+    the Watch call, over TLS checked against the mesh CA (``ca_pem``)."""
+
+    token: str
+    ca_pem: bytes
+
+    @classmethod
+    def load(cls, token: str, token_file: str, ca_file: str) -> "WatchCredentials":
+        from pathlib import Path
+
+        token = token or (Path(token_file).read_text().strip() if token_file else "")
+        if not token or not ca_file:
+            raise ValueError("the gateway needs its node token (SLUICE_GATEWAY_XDS_TOKEN or _XDS_TOKEN_FILE) "
+                             "and the mesh CA (SLUICE_GATEWAY_XDS_CA_FILE) to watch the manager's pipelines")
+        return cls(token, Path(ca_file).read_bytes())
+
+
+async def watch_pipelines(table: PipelineTable, manager: str, node_id: str, deadline_slack_ms: int,
+                          credentials: WatchCredentials | None = None) -> None:
+    """Keep ``table`` current from the manager at ``manager``, forever (until cancelled).
+    Without ``credentials`` the channel is plaintext (a feed in one process, in tests);
+    the manager itself takes only TLS and a node token."""
     backoff = BACKOFF_MIN_S
     while True:
         still = "still serving %d pipelines (v%s); reconnecting in %.1fs"
         try:
-            async for _ in _watch(table, manager, node_id, deadline_slack_ms):
+            async for _ in _watch(table, manager, node_id, deadline_slack_ms, credentials):
                 backoff = BACKOFF_MIN_S
             log.warning("pipeline watch: the manager ended the stream; " + still, len(table.pipelines), table.version, backoff)
         except grpc.aio.AioRpcError as exc:
@@ -176,10 +249,22 @@ async def watch_pipelines(table: PipelineTable, manager: str, node_id: str, dead
         backoff = min(backoff * 2, BACKOFF_MAX_S)
 
 
-async def _watch(table: PipelineTable, manager: str, node_id: str, deadline_slack_ms: int):
-    """One watch stream: applies and acknowledges each message, yields its version."""
+def _channel(manager: str, credentials: WatchCredentials | None) -> grpc.aio.Channel:
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
-    async with grpc.aio.insecure_channel(manager, options=options) as channel:
+    if credentials is None:
+        return grpc.aio.insecure_channel(manager, options=options)
+    return grpc.aio.secure_channel(
+        manager,
+        grpc.ssl_channel_credentials(root_certificates=credentials.ca_pem),
+        options=[*options, ("grpc.ssl_target_name_override", MANAGER_TLS_NAME)],
+    )
+
+
+async def _watch(table: PipelineTable, manager: str, node_id: str, deadline_slack_ms: int,
+                 credentials: WatchCredentials | None = None):
+    """One watch stream: applies and acknowledges each message, yields its version."""
+    metadata = ((XDS_TOKEN_HEADER, credentials.token),) if credentials is not None else None
+    async with _channel(manager, credentials) as channel:
         stub = pipeline_pb2_grpc.PipelineDiscoveryStub(channel)
         acks: asyncio.Queue[pipeline_pb2.WatchRequest] = asyncio.Queue()
         acks.put_nowait(pipeline_pb2.WatchRequest(node_id=node_id))
@@ -189,7 +274,8 @@ async def _watch(table: PipelineTable, manager: str, node_id: str, deadline_slac
                 yield await acks.get()
 
         connected = False
-        async for message in stub.Watch(requests()):
+        async for message in stub.Watch(requests(), metadata=metadata):
+            acks.put_nowait(pipeline_pb2.WatchRequest(node_id=node_id, received_version=message.version))
             dropped = table.apply(message, deadline_slack_ms)
             await table.drain(dropped)
             if message.full:

@@ -19,6 +19,11 @@ class GatewaySettings(BaseSettings):
     egress: str = "127.0.0.1:15001"
     #: the manager's gRPC address (PipelineDiscovery)
     manager_grpc: str = "127.0.0.1:18000"
+    #: this gateway's node token for that channel (or a file holding it), and the mesh
+    #: CA's certificate the manager's TLS certificate is checked against
+    xds_token: str = ""
+    xds_token_file: str = ""
+    xds_ca_file: str = ""
     #: requests with a larger body get a 413
     max_body_bytes: int = Field(4 << 20, gt=0)
     #: largest tensor message between stages

@@ -1,5 +1,12 @@
 """The manager's REST API: pipelines (one at a time, or a declarative bulk apply),
-runtimes (registration and heartbeats), mesh status."""
+runtimes (registration and heartbeats), mesh status, tokens (``manager.auth.api``).
+
+Who may call what is decided by the manager's sidecar (secure mode: tokens and scopes,
+``manager.xds.ingress_auth``), not here; the exception is runtime registration, where
+the token's ``runtime:<name>`` must name the runtime in the request and heartbeats must
+come with the token that registered the instance: the manager reads the verified
+token payload the sidecar forwards (``x-sluice-jwt-payload``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,8 @@ import time
 
 from fastapi import APIRouter, Query, Request, Response, status
 
+from manager.auth.api import router as tokens_router
+from manager.auth.scopes import PAYLOAD_HEADER, Caller, caller_from_header
 from manager.control import ControlPlane
 from manager.schemas import (
     ApplyOut,
@@ -24,10 +33,18 @@ from manager.store import PipelineRow
 from sluice.errors import ApiError
 
 router = APIRouter(prefix="/api/v1")
+router.include_router(tokens_router)
 
 
 def _control(request: Request) -> ControlPlane:
     return request.app.state.control
+
+
+def _caller(request: Request) -> Caller | None:
+    """The verified token's caller in secure mode (None in dev mode, or when absent)."""
+    if not _control(request).settings.auth:
+        return None
+    return caller_from_header(request.headers.get(PAYLOAD_HEADER))
 
 
 def _pipeline_out(row: PipelineRow) -> PipelineOut:
@@ -114,20 +131,28 @@ def _runtime_out(control: ControlPlane, name: str) -> RuntimeOut:
 
 @router.post("/runtimes", response_model=Registered, status_code=status.HTTP_201_CREATED, tags=["runtimes"])
 async def register_runtime(reg: RuntimeRegistration, request: Request) -> Registered:
-    """Register a runtime instance (any OIP v2 gRPC server); its models' signatures are read over OIP."""
-    return await _control(request).register_runtime(reg)
+    """Register a runtime instance (any OIP v2 gRPC server); its models' signatures are read over OIP.
+    Secure mode: needs a `runtime:<name>` (or `admin`) token. The host must resolve inside
+    `SLUICE_MANAGER_RUNTIME_NETWORKS` (422 otherwise). Answers the instance id the manager gave it."""
+    return await _control(request).register_runtime(reg, _caller(request))
 
 
 @router.put("/runtimes/{name}/instances/{instance_id}/heartbeat", status_code=204, tags=["runtimes"])
 async def heartbeat(name: str, instance_id: str, request: Request) -> Response:
-    if not _control(request).registry.heartbeat(instance_id):
+    """Renew an instance; secure mode: with the token that registered it."""
+    control = _control(request)
+    control.check_instance_caller(name, instance_id, _caller(request))
+    if not control.registry.heartbeat(instance_id):
         raise ApiError(404, f"no instance {instance_id!r} of runtime {name!r}: register again", "not_registered")
     return Response(status_code=204)
 
 
 @router.delete("/runtimes/{name}/instances/{instance_id}", status_code=204, tags=["runtimes"])
 async def deregister(name: str, instance_id: str, request: Request) -> Response:
-    if not _control(request).registry.deregister(instance_id):
+    """Remove an instance; secure mode: with the token that registered it, or an admin token."""
+    control = _control(request)
+    control.check_instance_caller(name, instance_id, _caller(request), deregister=True)
+    if not control.registry.deregister(instance_id):
         raise ApiError(404, f"no instance {instance_id!r} of runtime {name!r}", "not_found")
     return Response(status_code=204)
 

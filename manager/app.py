@@ -1,5 +1,10 @@
 """Wires the manager: store, registry, control plane, REST app and the gRPC server
 that carries both ADS (for Envoys) and PipelineDiscovery (for gateways).
+
+The gRPC server speaks TLS with a certificate from the mesh CA (``manager.ca``, kept
+in the data directory) and takes streams from known nodes only (node tokens,
+``manager.xds.auth``); the CA also signs every sidecar's certificate (SDS) and the
+manager's own client certificate for its calls to runtimes (``manager.tls``).
 """
 
 from __future__ import annotations
@@ -11,8 +16,11 @@ import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from fastapi import FastAPI
 
-from manager import metrics
+from manager import metrics, tls
+from manager.ca import CertificateAuthority
 from manager.api import router
+from manager.auth import api as auth_api
+from manager.auth.networks import RuntimeNetworks
 from manager.models import ModelService
 from manager.models_api import UPLOAD_PATH
 from manager.models_api import router as models_router
@@ -22,6 +30,7 @@ from manager.registry.embedded import EmbeddedRegistry
 from manager.settings import ManagerSettings
 from manager.store import Store
 from manager.xds.ads import AdsServicer
+from manager.xds.auth import AuthenticatedFeed, NodeAuth
 from sluice.errors import install_error_handlers
 from sluice.jsonbody import JsonBodyMiddleware
 from sluice.limits import BodyLimitMiddleware
@@ -34,11 +43,12 @@ log = logging.getLogger(__name__)
 
 
 def build_registry(settings: ManagerSettings, common: CommonSettings, store: Store):
+    networks = RuntimeNetworks(settings.runtime_networks)
     if common.consul_addr:
         from manager.registry.consul import ConsulRegistry
 
-        return ConsulRegistry(common.consul_addr)
-    return EmbeddedRegistry(store, settings.heartbeat_ttl_s)
+        return ConsulRegistry(common.consul_addr, token=common.consul_token or None, admit=networks.admit)
+    return EmbeddedRegistry(store, settings.heartbeat_ttl_s, allows=networks.allows)
 
 
 def zipkin_address(url: str) -> tuple[str, int] | None:
@@ -52,18 +62,24 @@ def zipkin_address(url: str) -> tuple[str, int] | None:
 
 def create(settings: ManagerSettings, common: CommonSettings, tracing: Tracing | None = None) -> tuple[FastAPI, grpc.aio.Server, ControlPlane]:
     store = Store(settings.db_path)
+    ca = CertificateAuthority.load_or_create(settings.data_path)
+    node_auth = NodeAuth.load_or_create(settings.data_path)
+    manager_tls = tls.ManagerTls(ca, settings.cert_ttl_s)
+    tls.install(manager_tls)
     control = ControlPlane(
         settings,
         store,
         build_registry(settings, common, store),
         zipkin=zipkin_address(common.zipkin_url),
         trace_sample_percent=common.trace_sample_rate * 100,
+        ca=ca,
+        plaintext_health=bool(common.consul_addr),  # Consul checks runtime sidecars in plaintext
     )
 
     server = grpc.aio.server(options=[("grpc.keepalive_time_ms", 30_000)])
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsServicer(control.cache, control.xds), server)
-    pipeline_pb2_grpc.add_PipelineDiscoveryServicer_to_server(control.feed, server)
-    server.add_insecure_port(f"{settings.xds_host}:{settings.xds_port}")
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsServicer(control.cache, control.xds, node_auth), server)
+    pipeline_pb2_grpc.add_PipelineDiscoveryServicer_to_server(AuthenticatedFeed(control.feed, node_auth), server)
+    server.add_secure_port(f"{settings.xds_host}:{settings.xds_port}", manager_tls.server_credentials())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -83,6 +99,7 @@ def create(settings: ManagerSettings, common: CommonSettings, tracing: Tracing |
     repository = RepositoryClient(settings.repository_url)
     app.state.control = control
     app.state.models = ModelService(control, repository)
+    auth_api.setup(app, control, store, settings)  # secure mode: signing key, ingress checks, admin token
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(models_router)
@@ -93,7 +110,7 @@ def create(settings: ManagerSettings, common: CommonSettings, tracing: Tracing |
 
     metrics.register(control)
     mount_metrics(app)
-    app.add_middleware(JsonBodyMiddleware, raw_paths=UPLOAD_PATH)
+    app.add_middleware(JsonBodyMiddleware, raw_paths=UPLOAD_PATH, loopback_only=not settings.auth)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, overrides={UPLOAD_PATH: settings.max_upload_bytes, r"^/api/v1/pipelines:apply$": settings.max_apply_bytes})
     app.add_middleware(TracingMiddleware, tracing=tracing or Tracing("manager", None))
     return app, server, control

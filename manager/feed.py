@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,7 +54,10 @@ class _Delta:
 class _Stream:
     id: int
     sent: int = _NOT_SENT  # version of the last message written
-    acked: int = _NOT_SENT
+    sent_at: float = 0.0  # when (monotonic)
+    received: int = _NOT_SENT  # the gateway said it got this version
+    acked: int = _NOT_SENT  # ... and serves it, drained
+    unresponsive: bool = False  # missed a receipt deadline: not waited for until it catches up
 
 
 class PipelineFeed(pipeline_pb2_grpc.PipelineDiscoveryServicer):
@@ -110,18 +114,35 @@ class PipelineFeed(pipeline_pb2_grpc.PipelineDiscoveryServicer):
             self._changed.notify_all()
             return self._version
 
-    async def wait_acked(self, version: int, timeout: float) -> bool:
-        """Whether every connected gateway acknowledged ``version`` (or later) in time."""
-        try:
-            async with self._changed:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: all(s.acked >= version for s in self._streams.values())), timeout
-                )
-            return True
-        except asyncio.TimeoutError:
-            behind = sorted(s.id for s in self._streams.values() if s.acked < version)
-            log.warning("pipelines v%d: gateway streams %s did not acknowledge within %.1fs", version, behind, timeout)
-            return False
+    async def wait_acked(self, version: int, timeout: float, drain_timeout: float | None = None) -> bool:
+        """Whether every connected gateway acknowledged ``version`` (or later) in time.
+
+        Two deadlines: a gateway must say it *received* what it was sent within
+        ``timeout``, or it is marked unresponsive and not waited for (now or at later
+        changes) until it acknowledges the current version — so a stream that never
+        answers cannot stall changes for everyone else. A gateway that received but is
+        still draining requests on a revision it dropped is waited for up to
+        ``drain_timeout`` (the longest such request's stage timeouts), however much
+        longer than ``timeout`` that is."""
+        drain_timeout = max(drain_timeout or timeout, timeout)
+        start = time.monotonic()
+        async with self._changed:
+            while True:
+                now = time.monotonic()
+                waiting = [s for s in self._streams.values() if s.acked < version and not s.unresponsive]
+                for s in waiting:
+                    if s.received < s.sent and now - s.sent_at >= timeout:
+                        s.unresponsive = True
+                        log.warning("gateway stream %d did not say it received v%d within %.1fs: not waited for until it catches up", s.id, s.sent, timeout)
+                waiting = [s for s in waiting if not s.unresponsive]
+                if not waiting:
+                    return all(s.acked >= version for s in self._streams.values())
+                if now - start >= drain_timeout:
+                    log.warning("pipelines v%d: gateway streams %s did not acknowledge within %.1fs", version, sorted(s.id for s in waiting), drain_timeout)
+                    return False
+                deadlines = [start + drain_timeout] + [s.sent_at + timeout for s in waiting if s.received < s.sent]
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), max(0.0, min(deadlines) - now))
 
     def _remember(self, delta: _Delta) -> None:
         self._history.append(delta)
@@ -179,7 +200,7 @@ class PipelineFeed(pipeline_pb2_grpc.PipelineDiscoveryServicer):
                     if reader.done():
                         break
                     message = self._message_since(stream.sent)
-                    stream.sent = self._version
+                    stream.sent, stream.sent_at = self._version, time.monotonic()
                 await context.write(message)
         finally:
             reader.cancel()
@@ -193,17 +214,31 @@ class PipelineFeed(pipeline_pb2_grpc.PipelineDiscoveryServicer):
     async def _read_acks(self, stream: _Stream, request_iterator) -> None:
         try:
             async for request in request_iterator:
-                if not request.ack_version:
-                    continue
-                try:
-                    acked = int(request.ack_version)
-                except ValueError:
-                    log.warning("gateway stream %d: ignoring ack_version %r", stream.id, request.ack_version[:32])
+                received = _version_number(stream, request.received_version, "received_version")
+                acked = _version_number(stream, request.ack_version, "ack_version")
+                if received is None and acked is None:
                     continue
                 async with self._changed:
-                    # a gateway can only serve what it was sent
-                    stream.acked = max(stream.acked, min(acked, stream.sent))
+                    # a gateway can only receive or serve what it was sent
+                    if received is not None:
+                        stream.received = max(stream.received, min(received, stream.sent))
+                    if acked is not None:
+                        stream.acked = max(stream.acked, min(acked, stream.sent))
+                        stream.received = max(stream.received, stream.acked)
+                    if stream.unresponsive and stream.acked >= self._version:
+                        stream.unresponsive = False
+                        log.info("gateway stream %d caught up (v%d): waited for again", stream.id, stream.acked)
                     self._changed.notify_all()
         finally:
             async with self._changed:
                 self._changed.notify_all()
+
+
+def _version_number(stream: _Stream, text: str, field: str) -> int | None:
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        log.warning("gateway stream %d: ignoring %s %r", stream.id, field, text[:32])
+        return None

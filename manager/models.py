@@ -12,6 +12,10 @@ Rules that keep pipelines whole:
   deleting) a version is refused with a 409 naming the pipelines while a pipeline
   pins that version on that runtime, or while it is the only version left for an
   unpinned stage. Deleting a whole model is refused while any pipeline names it.
+* A version is deployed when it is uploaded through the manager or first loaded: its
+  files' SHA-256 digests are recorded then (``manager.digests``) and sent with every
+  load of it, and a runtime refuses a file whose bytes hash to anything else.
+  Deleting a version forgets its digests.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import AsyncIterable
 from typing import Any
 
 from manager.control import ControlPlane
+from manager.digests import DigestBook
 from manager.registry.base import Endpoint
 from manager.repository import RepositoryClient
 from manager import runtime_models
@@ -29,6 +34,7 @@ from manager.schemas import LoadedModelOut, ModelInfo, ServedBy, UploadedModel
 from manager.signatures import SignatureError, read_signatures
 from manager.store import LoadedModel
 from sluice.errors import ApiError
+from sluice.paths import UnsafePath, check_version
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,7 @@ class ModelService:
     def __init__(self, control: ControlPlane, repository: RepositoryClient):
         self.control = control
         self.repository = repository
+        self.digests = DigestBook(control.store, repository)
 
     # --- the repository's models, annotated with who serves them
     async def list(self) -> list[ModelInfo]:
@@ -57,12 +64,17 @@ class ModelService:
             versions.append({**v, "served_by": served_by})
         return ModelInfo(**{**model, "versions": versions})
 
-    async def upload(self, name: str, body: AsyncIterable[bytes], content_type: str) -> UploadedModel:
-        uploaded = UploadedModel(**await self.repository.upload(name, body, content_type))
+    async def upload(self, name: str, body: AsyncIterable[bytes], content_type: str, authorization: str = "") -> UploadedModel:
+        uploaded = UploadedModel(**await self.repository.upload(name, body, content_type, authorization))
         log.info("model %s version %s uploaded (%d files)", uploaded.name, uploaded.version, len(uploaded.files))
+        try:
+            self.digests.uploaded(uploaded.name, uploaded.version, [f.model_dump() for f in uploaded.files])
+        except (ApiError, ValueError) as exc:  # recorded from the repository's listing on first use instead
+            log.warning("model %s version %s: digests not recorded at upload: %s", uploaded.name, uploaded.version, exc)
         return uploaded
 
-    async def delete(self, name: str, version: str | None) -> None:
+    async def delete(self, name: str, version: str | None, authorization: str = "") -> None:
+        version = _checked_version(version)
         async with self.control.lock:
             users = self._users(name, version)
             if users:
@@ -72,16 +84,19 @@ class ModelService:
                 loaded = runtime.models.get(name, {}).get("versions", [])
                 if (version is None and loaded) or version in loaded:
                     await self._unload(runtime.name, name, version)
-            await self.repository.delete(name, version)
+            await self.repository.delete(name, version, authorization)
+            self.digests.forget(name, version)
         log.info("model %s %s deleted", name, f"version {version}" if version else "(every version)")
 
     # --- versions on runtimes
     async def load(self, runtime: str, model: str, version: str | None) -> LoadedModelOut:
+        version = _checked_version(version)
         endpoints = self._endpoints(runtime)
         # an unknown model or version is a 404 before any runtime is asked
-        version = (await self.repository.metadata(model, version))["version"]
+        version = _checked_version(str((await self.repository.metadata(model, version))["version"]))
         served = version in self.control.runtimes[runtime].models.get(model, {}).get("versions", [])
-        failures = await runtime_models.load(endpoints, model, version, self.control.settings.model_load_timeout_s)
+        digests = (await self.digests.deployed(model, version)).as_dict()
+        failures = await runtime_models.load(endpoints, model, version, self.control.settings.model_load_timeout_s, digests)
         if failures:
             if not served:  # leave no instance serving a version the mesh does not know of
                 await runtime_models.unload(endpoints, model, version, self.control.settings.model_load_timeout_s)
@@ -92,6 +107,7 @@ class ModelService:
         return LoadedModelOut(runtime=runtime, model=model, version=version, instances=len(endpoints), **signature)
 
     async def unload(self, runtime: str, model: str, version: str | None) -> None:
+        version = _checked_version(version)
         async with self.control.lock:
             known = self.control.runtimes.get(runtime)
             versions = (known.models.get(model, {}).get("versions", []) if known else [])
@@ -129,7 +145,7 @@ class ModelService:
         """Read the model's signature from an instance and record it with the runtime."""
         first = endpoints[0]
         try:
-            signatures = await read_signatures(first.host, first.port, [model], self.control.settings.metadata_timeout_s)
+            signatures = await read_signatures(first.host, first.port, [model], self.control.settings.metadata_timeout_s, runtime=first.runtime)
         except SignatureError as exc:
             raise ApiError(503, f"cannot read model {model!r} from runtime {runtime!r}: {exc}", "runtime_unreachable") from exc
         row = self.control.runtimes[runtime]
@@ -149,6 +165,16 @@ class ModelService:
                     if version is None or stage.version == version or (not stage.version and set(loaded) <= {version}):
                         users.add(name)
         return sorted(users)
+
+
+def _checked_version(version: str | None) -> str | None:
+    """A requested version as one safe path segment (not ``.`` or ``..``), else a 422."""
+    if version is None:
+        return None
+    try:
+        return check_version(version)
+    except UnsafePath as exc:
+        raise ApiError(422, f"version {exc}", "bad_version", version=version) from None
 
 
 def _load_error(runtime: str, model: str, version: str | None, failures: list[LoadFailure], verb: str = "load") -> ApiError:

@@ -1,12 +1,14 @@
 """The manager's REST API for models: list what the repository holds and who serves
-it, upload a new version (streamed through to the repository), delete, and load or
-unload a version on a runtime without restarting it.
+it, upload a new version (streamed through to the repository), delete, load or
+unload a version on a runtime without restarting it, and the SHA-256 digests
+recorded when a version was deployed (what runtimes check model files against).
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 
+from manager.digests import ModelDigestsOut
 from manager.models import ModelService
 from manager.schemas import LoadedModelOut, LoadModel, MeshInfo, ModelInfo, UploadedModel
 from sluice.errors import ApiError
@@ -23,6 +25,8 @@ UPLOAD_TYPES = (
     "application/octet-stream",
 )
 UPLOAD_PATH = r"^/api/v1/models/[^/]+$"
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+VERSION = r"^[A-Za-z0-9_.-]{1,64}$"
 
 _ERRORS = {
     404: {"description": "no such model, version or runtime"},
@@ -51,6 +55,29 @@ async def list_models(request: Request) -> list[ModelInfo]:
 @router.get("/models/{name}", response_model=ModelInfo, tags=["models"], responses={404: _ERRORS[404], 503: _ERRORS[503]})
 async def get_model(name: str, request: Request) -> ModelInfo:
     return await _models(request).get(name)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/digests",
+    response_model=ModelDigestsOut,
+    tags=["models"],
+    responses={
+        404: {"description": "no such model or version in the repository"},
+        422: {"description": "not a version"},
+        502: {"description": "the repository's listing has an unsafe path or a malformed digest (nothing recorded)"},
+        503: _ERRORS[503],
+    },
+)
+async def model_digests(
+    request: Request,
+    name: str = Path(pattern=MODEL_NAME),
+    version: str = Path(pattern=VERSION),
+) -> ModelDigestsOut:
+    """The SHA-256 of every file of a deployed model version, recorded when it was deployed
+    (uploaded or first loaded through the manager) and never changed afterwards; runtimes
+    load a file only if it hashes to this. A version never deployed is recorded now, from
+    the repository's listing (trust on first deployment)."""
+    return ModelDigestsOut.of(await _models(request).digests.deployed(name, version))
 
 
 @router.post(
@@ -85,13 +112,13 @@ async def upload_model(name: str, request: Request) -> UploadedModel:
     content_type = request.headers.get("content-type", "")
     if content_type.split(";")[0].strip().lower() not in UPLOAD_TYPES:
         raise ApiError(415, f"a model upload is a tar.gz or multipart/form-data body, not {content_type or 'no content type'!r}", accepted=list(UPLOAD_TYPES))
-    return await _models(request).upload(name, request.stream(), content_type)
+    return await _models(request).upload(name, request.stream(), content_type, request.headers.get("authorization", ""))
 
 
 @router.delete("/models/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["models"], responses=_ERRORS)
 async def delete_model(name: str, request: Request, version: str | None = Query(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")) -> Response:
     """Delete a model (or one version), unloading it from runtimes first; refused while a pipeline uses it."""
-    await _models(request).delete(name, version)
+    await _models(request).delete(name, version, request.headers.get("authorization", ""))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

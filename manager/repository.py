@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -37,14 +38,22 @@ class RepositoryClient:
         """One version's metadata (the latest when ``version`` is None)."""
         return await self._json("GET", f"/metadata/{name}", params={"version": version} if version else None)
 
-    async def upload(self, name: str, body: AsyncIterable[bytes], content_type: str) -> dict[str, Any]:
-        """Stream an upload (tar/tar.gz or multipart) through; answers the new version."""
-        return await self._json(
-            "POST", f"/models/{name}", content=body, headers={"content-type": content_type}, timeout=None
-        )
+    async def files(self, name: str, version: str) -> dict[str, Any]:
+        """One version's files with their sizes and SHA-256 (``{"name", "version", "files"}``)."""
+        return await self._json("GET", f"/files/{quote(name, safe='')}", params={"version": version})
 
-    async def delete(self, name: str, version: str | None = None) -> None:
-        await self._send("DELETE", f"/models/{name}", params={"version": version} if version else None)
+    async def upload(self, name: str, body: AsyncIterable[bytes], content_type: str, authorization: str = "") -> dict[str, Any]:
+        """Stream an upload (tar/tar.gz or multipart) through; answers the new version.
+        ``authorization``: the caller's own header, which the repository's sidecar checks
+        for the ``deploy`` scope in secure mode (the manager holds no write credential)."""
+        headers = {"content-type": content_type, **({"authorization": authorization} if authorization else {})}
+        return await self._json("POST", f"/models/{name}", content=body, headers=headers, timeout=None)
+
+    async def delete(self, name: str, version: str | None = None, authorization: str = "") -> None:
+        await self._send(
+            "DELETE", f"/models/{name}", params={"version": version} if version else None,
+            headers={"authorization": authorization} if authorization else None,
+        )
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
         return (await self._send(method, path, **kwargs)).json()

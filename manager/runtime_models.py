@@ -5,19 +5,24 @@ a real Triton server.
 
 The version travels as the string parameter ``version``: our runtimes load exactly
 that version from the repository; Triton ignores it and loads what its version policy
-says.
+says. The digests the manager recorded for that version travel as the string
+parameter ``sluice.digests`` (JSON ``{path: sha256}``): our runtimes refuse a file
+whose bytes hash to anything else (FAILED_PRECONDITION); Triton ignores it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from manager import tls
 from manager.registry.base import Endpoint
+from sluice.wire import DIGESTS_PARAMETER
 
 
 @dataclass(frozen=True)
@@ -34,12 +39,16 @@ class LoadFailure:
         return self.code in ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "INTERNAL")
 
 
-def _parameters(version: str | None) -> dict[str, pb.ModelRepositoryParameter]:
-    return {"version": pb.ModelRepositoryParameter(string_param=version)} if version else {}
+def _parameters(version: str | None, digests: dict[str, str] | None = None) -> dict[str, pb.ModelRepositoryParameter]:
+    parameters = {"version": pb.ModelRepositoryParameter(string_param=version)} if version else {}
+    if version and digests:
+        parameters[DIGESTS_PARAMETER] = pb.ModelRepositoryParameter(string_param=json.dumps(digests, sort_keys=True))
+    return parameters
 
 
 async def _call(endpoint: Endpoint, method: str, request, timeout_s: float) -> LoadFailure | None:
-    async with grpc.aio.insecure_channel(f"{endpoint.host}:{endpoint.port}") as channel:
+    # the runtime's sidecar, over mTLS with the manager's certificate (manager.tls)
+    async with tls.runtime_channel(endpoint.host, endpoint.port, endpoint.runtime) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         try:
             await getattr(stub, method)(request, timeout=timeout_s)
@@ -48,9 +57,12 @@ async def _call(endpoint: Endpoint, method: str, request, timeout_s: float) -> L
     return None
 
 
-async def load(endpoints: list[Endpoint], model: str, version: str | None, timeout_s: float) -> list[LoadFailure]:
-    """Load ``model`` (at ``version``) on every endpoint at once; the failures, if any."""
-    request = pb.RepositoryModelLoadRequest(model_name=model, parameters=_parameters(version))
+async def load(
+    endpoints: list[Endpoint], model: str, version: str | None, timeout_s: float, digests: dict[str, str] | None = None
+) -> list[LoadFailure]:
+    """Load ``model`` (at ``version``, its files checked against ``digests``) on every
+    endpoint at once; the failures, if any."""
+    request = pb.RepositoryModelLoadRequest(model_name=model, parameters=_parameters(version, digests))
     results = await asyncio.gather(*(_call(e, "RepositoryModelLoad", request, timeout_s) for e in endpoints))
     return [r for r in results if r is not None]
 

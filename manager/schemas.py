@@ -120,7 +120,8 @@ class ApplyOut(BaseModel):
 
 
 class RuntimeRegistration(BaseModel):
-    """What a runtime instance says about itself when it registers."""
+    """What a runtime instance says about itself when it registers. The instance's id is
+    the manager's to give (``Registered.instance_id``): a client cannot choose one."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -130,13 +131,44 @@ class RuntimeRegistration(BaseModel):
     port: int = Field(gt=0, lt=65536)
     #: model names (optionally ``name:version``); empty: ask the server's repository index
     models: list[str] = Field(default_factory=list, max_length=1024)
-    instance_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
 class Registered(BaseModel):
     instance_id: str
     heartbeat_interval_s: float
     ttl_s: float
+
+
+class TokenRequest(BaseModel):
+    """``POST /api/v1/tokens``: the scopes of a new token and its lifetime."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: admin, deploy, runtime:<runtime>, serve:<pipeline>, serve:*
+    scopes: list[str] = Field(min_length=1, max_length=256)
+    #: seconds until it expires (default: SLUICE_MANAGER_TOKEN_TTL_S)
+    ttl_s: float | None = Field(None, gt=0)
+
+
+class TokenIssued(BaseModel):
+    """A new token: the only time the token itself is shown."""
+
+    token: str
+    id: str
+    scopes: list[str]
+    expires_at: float
+
+
+class TokenInfo(BaseModel):
+    """A token as listed: never the token itself."""
+
+    id: str
+    scopes: list[str]
+    created_at: float
+    expires_at: float
+    revoked_at: float | None
+    #: "active", "expired" or "revoked"
+    status: str
 
 
 class ModelOut(BaseModel):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -39,3 +39,43 @@ class ManagerSettings(BaseSettings):
     max_upload_bytes: int = Field(1 << 30, gt=0)
     #: deadline for a runtime instance to load (or unload) one model version
     model_load_timeout_s: float = Field(120.0, gt=0)
+    #: secure mode: tokens with scopes on the REST API and the gateway (checked by their
+    #: sidecars), runtime registration with a ``runtime:<name>`` token. Off (dev mode):
+    #: no tokens, and the manager's and the gateway's ingress listen on 127.0.0.1 only
+    auth: bool = False
+    #: secure mode: write an admin token here (mode 0600) at start unless it holds a valid
+    #: one (``sluice up --secure``: ``$SLUICE_HOME/admin.token``); empty: none
+    admin_token_path: str = ""
+    #: lifetime of that admin token (and of the runtime tokens below)
+    admin_token_ttl_s: float = Field(30 * 86400.0, gt=0)
+    #: secure mode: runtimes (comma-separated) whose ``runtime:<name>`` token the manager
+    #: writes at start to ``<runtime_token_dir>/<name>/token`` (mode 0600; kept while valid),
+    #: for deployments that hand files to containers (compose); empty: none
+    runtime_tokens: str = ""
+    runtime_token_dir: str = ""
+    #: lifetime of a token when ``POST /api/v1/tokens`` gives no ``ttl_s``
+    token_ttl_s: float = Field(86400.0, gt=0)
+    #: the networks (CIDRs, comma-separated) runtimes may register at: the manager dials
+    #: only hosts that resolve inside them, and refuses the others with a 422
+    runtime_networks: str = "127.0.0.0/8,::1/128"
+
+    @field_validator("runtime_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        from manager.auth.networks import parse_networks
+
+        if not parse_networks(value):
+            raise ValueError("name at least one network (CIDR)")
+        return value
+    #: where the mesh CA (ca.key, mode 0600; ca.crt) and the xDS join secret (xds-join.key)
+    #: live, created on first start and reused after; empty: the database's folder
+    data_dir: str = ""
+    #: lifetime of the certificates the manager issues (sidecars over SDS, its own);
+    #: each is renewed at two thirds of it
+    cert_ttl_s: float = Field(3600.0, ge=2)
+
+    @property
+    def data_path(self) -> str:
+        from pathlib import Path
+
+        return self.data_dir or str(Path(self.db_path).parent)

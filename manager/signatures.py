@@ -2,6 +2,8 @@
 
 Works against any Open-Inference-Protocol server (our runtimes, Triton, MLServer):
 ModelMetadata for each named model, or the repository index when none are named.
+The call goes to the runtime's sidecar over mTLS with the manager's certificate
+(``manager.tls``), and checks that the sidecar is the named runtime's.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from manager import tls
 
 
 class SignatureError(RuntimeError):
@@ -24,9 +28,10 @@ def split_model_ref(ref: str) -> tuple[str, str]:
     return name, version
 
 
-async def read_signatures(host: str, port: int, models: list[str], timeout_s: float) -> dict[str, dict]:
-    """Model name -> {versions, platform, inputs, outputs} read from the server."""
-    async with grpc.aio.insecure_channel(f"{host}:{port}") as channel:
+async def read_signatures(host: str, port: int, models: list[str], timeout_s: float, *, runtime: str) -> dict[str, dict]:
+    """Model name -> {versions, platform, inputs, outputs} read from the server, the
+    sidecar of runtime ``runtime``."""
+    async with tls.runtime_channel(host, port, runtime) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         try:
             if not models:

@@ -1,6 +1,7 @@
 """SQLite persistence for pipelines, runtimes (with their model signatures), runtime
-instances and the model versions loaded onto runtimes through the API, so a
-restarted manager serves the same mesh.
+instances, the model versions loaded onto runtimes through the API, and the SHA-256
+digests recorded for each deployed model version, and API tokens (ids, scopes, expiry,
+revocation; never the tokens themselves), so a restarted manager serves the same mesh.
 
 One connection, WAL journal, every write in a transaction (a bulk apply is one).
 Calls are synchronous and sub-millisecond; the manager is not on the request path.
@@ -25,7 +26,7 @@ from sluice.plan_proto import from_bytes, to_bytes
 from sluice.tensors import TensorSpec
 
 #: the schema this code writes; see _migrate for the older ones it reads
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipelines (
@@ -47,7 +48,9 @@ CREATE TABLE IF NOT EXISTS instances (
     runtime TEXT NOT NULL,
     host TEXT NOT NULL,
     port INTEGER NOT NULL,
-    last_seen REAL NOT NULL
+    last_seen REAL NOT NULL,
+    ip TEXT NOT NULL DEFAULT '',  -- schema version 3: the address resolved at registration
+    token_id TEXT  -- schema version 3: the token that registered the instance (secure mode)
 );
 CREATE TABLE IF NOT EXISTS runtime_models (
     runtime TEXT NOT NULL,
@@ -55,6 +58,22 @@ CREATE TABLE IF NOT EXISTS runtime_models (
     version TEXT NOT NULL,
     loaded_at REAL NOT NULL,
     PRIMARY KEY (runtime, model, version)
+);
+CREATE TABLE IF NOT EXISTS model_digests (  -- schema version 2
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    recorded_at REAL NOT NULL,
+    PRIMARY KEY (model, version, path)
+);
+CREATE TABLE IF NOT EXISTS tokens (  -- schema version 3: API tokens, never their secrets
+    id TEXT PRIMARY KEY,
+    scopes TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    revoked_at REAL
 );
 """
 
@@ -92,12 +111,52 @@ class LoadedModel:
 
 
 @dataclass(frozen=True)
+class RecordedFile:
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class RecordedDigests:
+    """A deployed model version's files as the manager recorded them (never changed afterwards)."""
+
+    model: str
+    version: str
+    files: tuple[RecordedFile, ...]
+    recorded_at: float
+
+    def as_dict(self) -> dict[str, str]:
+        """``{path: sha256}``, what a runtime checks each file against."""
+        return {f.path: f.sha256 for f in self.files}
+
+
+@dataclass(frozen=True)
 class InstanceRow:
     id: str
     runtime: str
     host: str
     port: int
     last_seen: float
+    #: the IP address ``host`` resolved to at registration (what Envoy and the manager dial)
+    ip: str = ""
+    #: the id of the token that registered the instance (secure mode); None in dev mode
+    token_id: str | None = None
+
+    @property
+    def address(self) -> str:
+        return self.ip or self.host
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """An API token as the store keeps it: never the token itself."""
+
+    id: str
+    scopes: tuple[str, ...]
+    created_at: float
+    expires_at: float
+    revoked_at: float | None = None
 
 
 class Store:
@@ -127,6 +186,11 @@ class Store:
         self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
+        """Older files, in the open transaction. Version 1 -> 2 adds ``model_digests``
+        (created with the rest of _SCHEMA: nothing to convert; versions loaded before
+        have their digests recorded on first use). Version 2 -> 3 adds ``tokens`` (created
+        with _SCHEMA) and each instance's resolved ``ip`` and registering ``token_id``
+        (empty for instances registered before: restored only when the host is an IP)."""
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(pipelines)")}
         if "stages" in columns:  # version 0: stages as JSON dicts -> plans, in the open transaction
             rows = self._db.execute("SELECT name, revision, definition, stages, created_at, updated_at FROM pipelines").fetchall()
@@ -137,6 +201,10 @@ class Store:
             self._db.execute("DROP TABLE pipelines")
             self._db.execute(_SCHEMA.split(";")[0])
             self._db.executemany("INSERT INTO pipelines VALUES (?, ?, ?, ?, ?, ?)", converted)
+        instance_columns = {r[1] for r in self._db.execute("PRAGMA table_info(instances)")}
+        if instance_columns and "ip" not in instance_columns:  # version 2 -> 3: resolved address, registering token
+            self._db.execute("ALTER TABLE instances ADD COLUMN ip TEXT NOT NULL DEFAULT ''")
+            self._db.execute("ALTER TABLE instances ADD COLUMN token_id TEXT")
 
     def close(self) -> None:
         self._db.close()
@@ -201,21 +269,48 @@ class Store:
             )
 
     def instances(self) -> list[InstanceRow]:
-        rows = self._db.execute("SELECT id, runtime, host, port, last_seen FROM instances").fetchall()
+        rows = self._db.execute("SELECT id, runtime, host, port, last_seen, ip, token_id FROM instances").fetchall()
         return [InstanceRow(*r) for r in rows]
 
     def put_instance(self, inst: InstanceRow) -> None:
         with self._transaction():
             self._db.execute(
-                """INSERT INTO instances (id, runtime, host, port, last_seen) VALUES (?, ?, ?, ?, ?)
+                """INSERT INTO instances (id, runtime, host, port, last_seen, ip, token_id) VALUES (?, ?, ?, ?, ?, ?, ?)
                    ON CONFLICT(id) DO UPDATE SET runtime=excluded.runtime, host=excluded.host,
-                     port=excluded.port, last_seen=excluded.last_seen""",
-                (inst.id, inst.runtime, inst.host, inst.port, inst.last_seen),
+                     port=excluded.port, last_seen=excluded.last_seen, ip=excluded.ip, token_id=excluded.token_id""",
+                (inst.id, inst.runtime, inst.host, inst.port, inst.last_seen, inst.ip, inst.token_id),
             )
 
     def delete_instance(self, instance_id: str) -> None:
         with self._transaction():
             self._db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+
+    # --- API tokens (ids, scopes, expiry, revocation; never the tokens themselves)
+    def tokens(self) -> list[TokenRow]:
+        rows = self._db.execute("SELECT id, scopes, created_at, expires_at, revoked_at FROM tokens ORDER BY created_at, id").fetchall()
+        return [TokenRow(i, tuple(json.loads(s)), c, e, r) for i, s, c, e, r in rows]
+
+    def token(self, token_id: str) -> TokenRow | None:
+        row = self._db.execute("SELECT id, scopes, created_at, expires_at, revoked_at FROM tokens WHERE id = ?", (token_id,)).fetchone()
+        return TokenRow(row[0], tuple(json.loads(row[1])), row[2], row[3], row[4]) if row else None
+
+    def put_token(self, row: TokenRow) -> None:
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO tokens (id, scopes, created_at, expires_at, revoked_at) VALUES (?, ?, ?, ?, ?)",
+                (row.id, json.dumps(list(row.scopes)), row.created_at, row.expires_at, row.revoked_at),
+            )
+
+    def revoke_token(self, token_id: str, at: float) -> bool:
+        """Mark a token revoked (the first time counts); False when there is no such token."""
+        with self._transaction():
+            cursor = self._db.execute("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?", (at, token_id))
+        return cursor.rowcount > 0
+
+    def revoked_token_ids(self, now: float) -> list[str]:
+        """Revoked tokens that have not expired (an expired token fails on its own)."""
+        rows = self._db.execute("SELECT id FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > ? ORDER BY id", (now,))
+        return [r[0] for r in rows.fetchall()]
 
     # --- model versions loaded onto runtimes through the API
     def loaded_models(self, runtime: str | None = None) -> list[LoadedModel]:
@@ -240,6 +335,42 @@ class Store:
                 "DELETE FROM runtime_models WHERE runtime = ? AND model = ? AND version = ?",
                 (loaded.runtime, loaded.model, loaded.version),
             )
+
+    # --- SHA-256 digests of deployed model versions (immutable once recorded)
+    def model_digests(self, model: str, version: str) -> RecordedDigests | None:
+        rows = self._db.execute(
+            "SELECT path, sha256, size, recorded_at FROM model_digests WHERE model = ? AND version = ? ORDER BY path",
+            (model, version),
+        ).fetchall()
+        if not rows:
+            return None
+        return RecordedDigests(model, version, tuple(RecordedFile(p, d, n) for p, d, n, _ in rows), rows[0][3])
+
+    def record_model_digests(self, model: str, version: str, files: list[RecordedFile]) -> RecordedDigests:
+        """Record a version's files unless it has a record already; the record that holds
+        (the first one: a recorded version's digests never change)."""
+        if not files:
+            raise ValueError(f"model {model!r} version {version}: no files to record")
+        with self._transaction():
+            if self._db.execute(
+                "SELECT 1 FROM model_digests WHERE model = ? AND version = ? LIMIT 1", (model, version)
+            ).fetchone() is None:
+                now = time.time()
+                self._db.executemany(
+                    "INSERT INTO model_digests (model, version, path, sha256, size, recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    [(model, version, f.path, f.sha256, f.size, now) for f in files],
+                )
+        recorded = self.model_digests(model, version)
+        assert recorded is not None
+        return recorded
+
+    def forget_model_digests(self, model: str, version: str | None = None) -> None:
+        """A version (or every version) deleted through the API: its number may be used again."""
+        with self._transaction():
+            if version is None:
+                self._db.execute("DELETE FROM model_digests WHERE model = ?", (model,))
+            else:
+                self._db.execute("DELETE FROM model_digests WHERE model = ? AND version = ?", (model, version))
 
 
 def _plan_from_v0(name: str, revision: int, definition: dict, stages: list[dict]) -> PipelinePlan:

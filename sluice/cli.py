@@ -28,11 +28,12 @@ console = Console()
 
 @app.command()
 def up(
-    workdir: Path = typer.Option(None, help="state, logs and Envoy bootstraps (default .sluice/)"),
+    workdir: Path = typer.Option(None, help="state, logs and Envoy bootstraps (default $SLUICE_HOME, else .sluice/)"),
+    secure: bool = typer.Option(False, "--secure", help="tokens on the REST API and the gateway; writes an admin token to <workdir>/admin.token"),
 ) -> None:
     """Start manager, repository, runtimes and gateway, each with its Envoy sidecar; Ctrl-C stops all."""
     tracing = zipkin.java() is not None and zipkin.jar_path() is not None
-    mesh = LocalMesh(workdir or workdir_default(), default_runtimes(), MeshPorts(), zipkin_port=9411 if tracing else None)
+    mesh = LocalMesh(workdir or workdir_default(), default_runtimes(), MeshPorts(), zipkin_port=9411 if tracing else None, secure=secure)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -44,11 +45,18 @@ def up(
         raise typer.Exit(1) from None
     try:
         _print_services(mesh)
+        auth = ' -H "Authorization: Bearer $(cat ' + str(mesh.admin_token_path) + ')"' if secure else ""
+        if secure:
+            console.print(f"auth        on: tokens required; admin token in {mesh.admin_token_path} (mode 0600), "
+                          "used by the sluice CLI and SDK when no token is given")
+        else:
+            console.print("auth        off (dev mode): no tokens, so the REST API and the gateway listen on 127.0.0.1 only "
+                          "and refuse writes from other web origins; `sluice up --secure` turns tokens on")
         console.print(
             "\nTry:\n"
-            f"  curl -X POST {mesh.manager_url}/api/v1/pipelines -d "
+            f"  curl -X POST {mesh.manager_url}/api/v1/pipelines{auth} -d "
             "'{\"name\":\"iris\",\"transportType\":\"http\",\"chain\":[\"scikit/iris_scaler\",\"scikit/iris_classifier\"]}'\n"
-            f"  curl -X POST {mesh.gateway_url}/serve/iris -d "
+            f"  curl -X POST {mesh.gateway_url}/serve/iris{auth} -d "
             "'[{\"sepal_length\":5.1,\"sepal_width\":3.5,\"petal_length\":1.4,\"petal_width\":0.2}]'\n"
             "\nCtrl-C stops everything."
         )
@@ -69,7 +77,7 @@ def _print_services(mesh: LocalMesh) -> None:
     console.print(f"repository  {mesh.repository_url}/models")
     for r in mesh.runtimes:
         console.print(
-            f"runtime     {r.name} ({r.kind}) OIP gRPC 127.0.0.1:{r.public_port}, models {', '.join(r.models)}, "
+            f"runtime     {r.name} ({r.kind}) OIP gRPC 127.0.0.1:{r.local_port} (its sidecar, mTLS: {r.public_port}), models {', '.join(r.models)}, "
             f"metrics http://127.0.0.1:{r.metrics_port}/metrics"
         )
     console.print(f"gateway     {mesh.gateway_url}/serve/<pipeline> (HTTP and OIP gRPC), metrics {mesh.gateway_url}/metrics")
@@ -82,18 +90,22 @@ def _print_services(mesh: LocalMesh) -> None:
 
 @app.command()
 def status(
-    manager: str = typer.Option("http://127.0.0.1:8080", help="manager URL"),
+    manager: str = typer.Option("http://127.0.0.1:8080", envvar="SLUICE_MANAGER_URL", help="manager URL"),
     gateway: str = typer.Option("http://127.0.0.1:8083", help="gateway URL (for latency)"),
+    token: str = typer.Option(None, envvar="SLUICE_TOKEN", help="API token (Bearer; default: $SLUICE_HOME/admin.token)"),
 ) -> None:
     """Pipelines, their stages and latency; runtimes with their health."""
+    token = token or default_token(manager)
+    headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
-        pipelines = httpx.get(f"{manager}/api/v1/pipelines", timeout=5).json()
-        runtimes = httpx.get(f"{manager}/api/v1/runtimes", timeout=5).json()
-    except httpx.HTTPError as exc:
-        console.print(f"[red]cannot reach the manager at {manager}: {exc}[/red]")
-        raise typer.Exit(1) from None
+        with Client(manager, token or "") as client:
+            pipelines = client.pipelines()
+            runtimes = client.runtimes()
+    except (SluiceError, httpx.HTTPError) as exc:
+        raise _fail(exc) from None
     try:
-        latency = histogram_quantiles(httpx.get(f"{gateway}/metrics", timeout=5).text, "sluice_gateway_request_seconds", "pipeline")
+        response = httpx.get(f"{gateway}/metrics", timeout=5, headers=headers)
+        latency = histogram_quantiles(response.text, "sluice_gateway_request_seconds", "pipeline") if response.is_success else {}
     except httpx.HTTPError:
         latency = {}
     table = Table(title="pipelines")
@@ -114,7 +126,7 @@ def status(
 
 
 MANAGER = typer.Option("http://127.0.0.1:8080", envvar="SLUICE_MANAGER_URL", help="manager URL")
-TOKEN = typer.Option(None, envvar="SLUICE_TOKEN", help="API token (Bearer)")
+TOKEN = typer.Option(None, envvar="SLUICE_TOKEN", help="API token (Bearer; default: $SLUICE_HOME/admin.token for a local manager)")
 #: uploads at least this large get a progress bar
 PROGRESS_BYTES = 4 << 20
 
@@ -133,7 +145,7 @@ def _fail(exc: SluiceError | httpx.HTTPError) -> typer.Exit:
 def models(manager: str = MANAGER, token: str = TOKEN) -> None:
     """Models in the repository: versions, signatures, and which runtimes serve them."""
     try:
-        with Client(manager, token or default_token()) as client:
+        with Client(manager, token) as client:
             listing = client.models()
     except (SluiceError, httpx.HTTPError) as exc:
         raise _fail(exc) from None
@@ -175,7 +187,7 @@ def upload(
             bar.update(task, completed=sent)
 
         try:
-            with Client(manager, token or default_token()) as client:
+            with Client(manager, token) as client:
                 ref = client.upload(path, name, runtime, load=load, progress=progress)
         except (SluiceError, httpx.HTTPError) as exc:
             raise _fail(exc) from None
@@ -202,7 +214,7 @@ def predict(
         console.print(f"[red]the records are not JSON: {exc}[/red]")
         raise typer.Exit(1) from None
     try:
-        with Client(manager, token or default_token(), gateway_url=gateway) as client:
+        with Client(manager, token, gateway_url=gateway) as client:
             answer = client.predict(pipeline, records)
     except (SluiceError, httpx.HTTPError) as exc:
         raise _fail(exc) from None
@@ -230,7 +242,7 @@ def apply(
         console.print(f"[red]{file}: expected a list of pipeline definitions, or a mapping with 'pipelines'[/red]")
         raise typer.Exit(1)
     try:
-        with Client(manager, token or default_token()) as client:
+        with Client(manager, token) as client:
             diff = client.apply(definitions, prune=prune, dry_run=True)
             _print_diff(diff)
             if dry_run or not (diff["created"] or diff["replaced"] or diff["deleted"]):
@@ -245,6 +257,54 @@ def apply(
         raise _fail(exc) from None
     console.print(f"applied: {len(done['created'])} created, {len(done['replaced'])} replaced, "
                   f"{len(done['deleted'])} deleted, {len(done['unchanged'])} unchanged; live now")
+
+
+token_app = typer.Typer(help="API tokens (secure mode; needs an admin token).")
+app.add_typer(token_app, name="token")
+
+
+@token_app.command("create")
+def token_create(
+    scope: list[str] = typer.Option(..., "--scope", help="admin, deploy, runtime:<runtime>, serve:<pipeline> or serve:* (repeatable)"),
+    ttl: float = typer.Option(None, "--ttl", help="seconds until it expires (default: the manager's)"),
+    manager: str = MANAGER,
+    token: str = TOKEN,
+) -> None:
+    """Issue a token and print it (the only time it is shown)."""
+    try:
+        with Client(manager, token) as client:
+            issued = client.create_token(scope, ttl)
+    except (SluiceError, httpx.HTTPError) as exc:
+        raise _fail(exc) from None
+    console.print(f"id {issued['id']}, scopes {', '.join(issued['scopes'])}, expires at {issued['expires_at']:.0f}", highlight=False)
+    print(issued["token"])
+
+
+@token_app.command("list")
+def token_list(manager: str = MANAGER, token: str = TOKEN) -> None:
+    """Every token issued: id, scopes, status (never the token itself)."""
+    try:
+        with Client(manager, token) as client:
+            listing = client.tokens()
+    except (SluiceError, httpx.HTTPError) as exc:
+        raise _fail(exc) from None
+    table = Table(title="tokens")
+    for column in ("id", "scopes", "status", "expires at"):
+        table.add_column(column)
+    for t in listing:
+        table.add_row(t["id"], ", ".join(t["scopes"]), t["status"], f"{t['expires_at']:.0f}")
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: str = typer.Argument(..., help="the token's id"), manager: str = MANAGER, token: str = TOKEN) -> None:
+    """Revoke a token: refused mesh-wide once this returns."""
+    try:
+        with Client(manager, token) as client:
+            client.revoke_token(token_id)
+    except (SluiceError, httpx.HTTPError) as exc:
+        raise _fail(exc) from None
+    console.print(f"revoked {token_id}")
 
 
 def _print_diff(diff: dict) -> None:

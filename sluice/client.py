@@ -10,6 +10,12 @@ Every call goes to the manager, except ``predict``, which goes to the gateway (i
 comes from the manager's ``/api/v1/info`` unless given). Any error answer raises
 ``SluiceError`` carrying the server's JSON error: ``status``, ``code``, ``message``,
 ``details``.
+
+Tokens (a mesh in secure mode): ``Client(url, token)`` sends ``Authorization: Bearer
+<token>`` to the manager and the gateway. With no token given, the client uses
+``SLUICE_TOKEN``, else the admin token ``sluice up --secure`` wrote to
+``$SLUICE_HOME/admin.token`` (default ``.sluice/admin.token``), and that file only
+for a manager on a loopback address, so a local admin token never leaves the machine.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -60,6 +67,9 @@ DEFAULT_RUNTIME = {"sklearn": "scikit", "spark": "serving-localml-spark", "onnx"
 
 class Client:
     def __init__(self, url: str = "http://127.0.0.1:8080", token: str | None = None, gateway_url: str | None = None, timeout: float = 60.0):
+        """``token``: the bearer token (None: ``default_token(url)``; "" for none at all)."""
+        if token is None:
+            token = default_token(url)
         headers = {"authorization": f"Bearer {token}"} if token else {}
         self.token = token
         self._http = httpx.Client(base_url=url, headers=headers, timeout=timeout)
@@ -157,6 +167,25 @@ class Client:
     def delete_pipeline(self, name: str) -> None:
         self._call("DELETE", f"/api/v1/pipelines/{name}")
 
+    # --- runtimes
+    def runtimes(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/v1/runtimes")
+
+    # --- tokens (secure mode; an admin token)
+    def create_token(self, scopes: Sequence[str], ttl_s: float | None = None) -> dict[str, Any]:
+        """A new token: ``{"token", "id", "scopes", "expires_at"}`` (the only time it is shown)."""
+        body: dict[str, Any] = {"scopes": list(scopes)}
+        if ttl_s is not None:
+            body["ttl_s"] = ttl_s
+        return self._call("POST", "/api/v1/tokens", json=body)
+
+    def tokens(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/api/v1/tokens")
+
+    def revoke_token(self, token_id: str) -> None:
+        """Revoke a token; refused mesh-wide once this returns."""
+        self._call("DELETE", f"/api/v1/tokens/{token_id}")
+
     # --- serving
     @property
     def gateway_url(self) -> str:
@@ -222,6 +251,40 @@ def _chunks(path: Path, total: int, progress: Callable[[int, int], None] | None)
             yield chunk
 
 
-def default_token() -> str | None:
-    """The token the CLI uses: ``SLUICE_TOKEN``, else none."""
-    return os.environ.get("SLUICE_TOKEN") or None
+#: the admin token's file name under ``$SLUICE_HOME`` (written by ``sluice up --secure``, mode 0600)
+ADMIN_TOKEN_FILE = "admin.token"
+
+
+def sluice_home() -> Path:
+    """``$SLUICE_HOME``, default ``.sluice`` in the source tree: the local mesh's state."""
+    return Path(os.environ.get("SLUICE_HOME") or Path(__file__).resolve().parents[1] / ".sluice")
+
+
+def admin_token_path() -> Path:
+    return sluice_home() / ADMIN_TOKEN_FILE
+
+
+def _loopback(url: str) -> bool:
+    import ipaddress
+
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_token(url: str | None = None) -> str | None:
+    """The token to use when none is given: ``SLUICE_TOKEN``, else the admin token in
+    ``$SLUICE_HOME/admin.token`` when ``url`` (the manager) is on a loopback address."""
+    token = os.environ.get("SLUICE_TOKEN")
+    if token:
+        return token.strip()
+    if url is not None and not _loopback(url):
+        return None
+    try:
+        return admin_token_path().read_text().strip() or None
+    except OSError:
+        return None

@@ -23,6 +23,9 @@ class CommonSettings(BaseSettings):
     trace_sample_rate: float = Field(1.0, ge=0.0, le=1.0)
     #: Consul agent address (host:port); empty: the manager's embedded registry
     consul_addr: str = ""
+    #: Consul ACL token (``X-Consul-Token``) for every call to the agent: the manager
+    #: needs read access to services and nodes, a runtime write access to its service
+    consul_token: str = ""
 
 
 def common() -> CommonSettings:

@@ -38,3 +38,15 @@ def runtime_cluster(runtime: str) -> str:
 def pipeline_scope(pipeline: str) -> str:
     """The name of a pipeline's route scope (and of its route configuration) on the egress."""
     return f"{EGRESS}.{pipeline}"
+
+
+#: the string parameter of OIP ``RepositoryModelLoad`` that carries the SHA-256 digests the
+#: manager recorded for the version being loaded (JSON ``{path: sha256}``); Triton ignores it
+DIGESTS_PARAMETER = "sluice.digests"
+
+#: gRPC metadata that carries a node's token on the manager's xDS and PipelineDiscovery
+#: streams (sidecars: the bootstrap's ``initial_metadata``; the gateway: its Watch call)
+XDS_TOKEN_HEADER = "x-sluice-xds-token"
+#: the name clients check on the manager's TLS certificate (a DNS SAN beside its
+#: ``spiffe://sluice/manager`` URI SAN), whatever address they dial
+MANAGER_TLS_NAME = "manager.sluice"

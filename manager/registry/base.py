@@ -15,10 +15,23 @@ RuntimeListener = Callable[[str, str, str, int, list[str]], Awaitable[None]]
 
 @dataclass(frozen=True, order=True)
 class Endpoint:
+    """A runtime instance as Envoy and the manager dial it: ``host`` is an IP address,
+    resolved when the instance registered (``manager.auth.networks``)."""
+
     runtime: str
     host: str
     port: int
     instance_id: str
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a registered instance: its runtime, and the id of the token that registered it
+    (None in dev mode)."""
+
+    instance_id: str
+    runtime: str
+    token_id: str | None
 
 
 class Registry(abc.ABC):
@@ -58,8 +71,19 @@ class Registry(abc.ABC):
     def endpoints(self) -> dict[str, list[Endpoint]]:
         """Runtime name -> its healthy endpoints, sorted."""
 
-    def register(self, instance_id: str, runtime: str, host: str, port: int) -> None:
+    def register(self, instance_id: str, runtime: str, host: str, port: int, *, ip: str = "",
+                 token_id: str | None = None, replaces: str | None = None) -> None:
+        """Add an instance announced at ``host`` (resolved to ``ip``), registered with token
+        ``token_id``; ``replaces``: the id of an instance at the same address it takes over."""
         raise NotImplementedError(f"{type(self).__name__} does not take registrations")
+
+    def holder(self, instance_id: str) -> Holder | None:
+        """Who holds an instance registered through the manager; None when unknown."""
+        return None
+
+    def holder_at(self, runtime: str, ip: str, port: int) -> Holder | None:
+        """The instance of ``runtime`` registered at this address, if any."""
+        return None
 
     def heartbeat(self, instance_id: str) -> bool:
         """Renew an instance; False when it is unknown."""

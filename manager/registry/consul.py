@@ -13,12 +13,21 @@ had and retries with exponential back-off; an index that goes backwards is reset
 and one that comes back as 0 is raised to 1, as Consul's blocking-query docs require.
 Each instance's Meta (``kind``, ``models``) is passed to ``on_runtime`` listeners once
 per appearance, so the manager can read its signatures.
+
+Addresses are admitted like registrations through the manager's API (``admit``: the
+runtime networks, ``manager.auth.networks``): each answer's service addresses are
+resolved off the event loop (again at every answer, so a name is never cached for
+long), an instance that does not resolve or resolves outside the networks is left
+out with a warning, and endpoints carry the resolved IP. Calls carry the ACL token
+(``SLUICE_CONSUL_TOKEN``) when one is set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
+import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -86,8 +95,15 @@ class ConsulRegistry(Registry):
         backoff_min_s: float = 0.1,
         backoff_max_s: float = 5.0,
         tag: str = RUNTIME_TAG,
+        token: str | None = None,
+        admit: Callable[[str], Awaitable[str]] | None = None,
     ):
+        """``token``: the ACL token (default ``SLUICE_CONSUL_TOKEN``); ``admit(host)``: the IP
+        address to dial for a service address, raising when it is not allowed."""
         super().__init__()
+        self._token = token
+        self._admit = admit
+        self._refused: dict[str, str] = {}  # host -> why, warned once
         sluice_consul.split_address(address)  # a bad address fails at startup, not in a loop
         self.address = address
         self._wait_s = wait_s
@@ -110,7 +126,7 @@ class ConsulRegistry(Registry):
 
     async def start(self) -> None:
         # a blocking query may last wait + wait/16 (Consul's jitter): bound requests a bit above
-        self._client = sluice_consul.client(self.address, timeout_s=self._wait_s * 1.1 + 10)
+        self._client = sluice_consul.client(self.address, timeout_s=self._wait_s * 1.1 + 10, token=self._token)
         self._catalog = asyncio.create_task(self._follow("catalog", self._catalog_query, self._sync_watches))
         log.info("discovering runtimes from Consul at %s (services tagged %r)", self.address, self._tag)
 
@@ -126,7 +142,7 @@ class ConsulRegistry(Registry):
 
     # --- blocking queries
     async def _follow(
-        self, what: str, query: Callable[[int], Awaitable[tuple[Any, Any]]], handle: Callable[[Any], None]
+        self, what: str, query: Callable[[int], Awaitable[tuple[Any, Any]]], handle: Callable[[Any], Any]
     ) -> None:
         index, delay = 0, self._backoff[0]
         while True:
@@ -139,7 +155,9 @@ class ConsulRegistry(Registry):
                 delay = min(delay * 2, self._backoff[1])
                 continue
             delay = self._backoff[0]
-            handle(data)
+            handled = handle(data)
+            if inspect.isawaitable(handled):
+                await handled
 
     def _catalog_query(self, index: int):
         return self._client.catalog.services(index=index or None, wait=self._wait)
@@ -153,7 +171,7 @@ class ConsulRegistry(Registry):
         for name in sorted(wanted - self._watches.keys()):
             log.info("consul: watching runtime service %s", name)
             self._watches[name] = asyncio.create_task(
-                self._follow(f"health of {name}", functools.partial(self._health_query, name), functools.partial(self._apply, name))
+                self._follow(f"health of {name}", functools.partial(self._health_query, name), functools.partial(self._admit_and_apply, name))
             )
         for name in sorted(self._watches.keys() - wanted):
             log.info("consul: service %s left the catalog", name)
@@ -161,8 +179,28 @@ class ConsulRegistry(Registry):
             self._apply(name, [])
             self._by_service.pop(name, None)
 
-    def _apply(self, service: str, entries: list[dict[str, Any]] | None) -> None:
-        found = tuple(instances(entries))
+    async def _admit_and_apply(self, service: str, entries: list[dict[str, Any]] | None) -> None:
+        found = instances(entries)
+        if self._admit is not None:
+            found = [i for i in [await self._admitted(i) for i in found] if i is not None]
+        self._apply(service, entries, tuple(sorted(found)))
+
+    async def _admitted(self, instance: Instance) -> Instance | None:
+        """The instance with its address resolved, or None when it is not allowed."""
+        host = instance.endpoint.host
+        try:
+            ip = await self._admit(host)
+        except Exception as exc:  # ApiError (outside the networks, unresolvable), or a resolver failure
+            why = getattr(exc, "message", str(exc))
+            if self._refused.get(host) != why:
+                self._refused[host] = why
+                log.warning("consul: runtime %s instance %s left out: %s", instance.endpoint.runtime, instance.endpoint.instance_id, why)
+            return None
+        self._refused.pop(host, None)
+        return dataclasses.replace(instance, endpoint=dataclasses.replace(instance.endpoint, host=ip))
+
+    def _apply(self, service: str, entries: list[dict[str, Any]] | None, admitted: tuple[Instance, ...] | None = None) -> None:
+        found = admitted if admitted is not None else tuple(instances(entries))
         previous = self._by_service.get(service, ())
         if found == previous:
             return  # Consul answered, but nothing we route on changed

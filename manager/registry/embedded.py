@@ -3,16 +3,23 @@
 An instance that misses heartbeats for ``ttl_s`` is removed (and so its endpoint
 leaves Envoy). Instances are persisted, so after a manager restart they keep serving
 for one more TTL while their heartbeats find the new manager.
+
+Each instance keeps the IP address its host resolved to at registration (that is its
+endpoint) and the id of the token that registered it (secure mode), which heartbeats
+and deregistrations must present. Instances restored from the store whose address is
+not an IP inside the runtime networks (``allows``) are dropped: they register again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
-from manager.registry.base import Endpoint, Registry
+from manager.registry.base import Endpoint, Holder, Registry
 from manager.store import InstanceRow, Store
 
 log = logging.getLogger(__name__)
@@ -21,7 +28,7 @@ log = logging.getLogger(__name__)
 class EmbeddedRegistry(Registry):
     accepts_registrations = True
 
-    def __init__(self, store: Store, ttl_s: float, clock=time.monotonic):
+    def __init__(self, store: Store, ttl_s: float, clock=time.monotonic, allows: Callable[[str], bool] | None = None):
         super().__init__()
         self._store = store
         self._ttl = ttl_s
@@ -31,13 +38,18 @@ class EmbeddedRegistry(Registry):
         self._sweeper: asyncio.Task | None = None
         now = clock()
         for inst in store.instances():  # grace period after a restart
+            if not _is_ip(inst.address) or (allows is not None and not allows(inst.address)):
+                log.warning("runtime %s instance %s at %s: not an address the runtime networks allow; dropped",
+                            inst.runtime, inst.id, inst.address)
+                store.delete_instance(inst.id)
+                continue
             self._instances[inst.id] = inst
             self._deadline[inst.id] = now + ttl_s
 
     def endpoints(self) -> dict[str, list[Endpoint]]:
         out: dict[str, list[Endpoint]] = {}
         for inst in self._instances.values():
-            out.setdefault(inst.runtime, []).append(Endpoint(inst.runtime, inst.host, inst.port, inst.id))
+            out.setdefault(inst.runtime, []).append(Endpoint(inst.runtime, inst.address, inst.port, inst.id))
         return {k: sorted(v) for k, v in out.items()}
 
     def instances(self) -> list[InstanceRow]:
@@ -46,15 +58,32 @@ class EmbeddedRegistry(Registry):
     def last_seen(self) -> dict[str, float]:
         return {i.id: i.last_seen for i in self._instances.values()}
 
-    def register(self, instance_id: str, runtime: str, host: str, port: int) -> None:
-        inst = InstanceRow(instance_id, runtime, host, port, time.time())
-        previous = self._instances.get(instance_id)
+    def register(self, instance_id: str, runtime: str, host: str, port: int, *, ip: str = "",
+                 token_id: str | None = None, replaces: str | None = None) -> None:
+        inst = InstanceRow(instance_id, runtime, host, port, time.time(), ip, token_id)
+        replaced = self._instances.pop(replaces, None) if replaces and replaces != instance_id else None
+        if replaced is not None:
+            self._deadline.pop(replaces, None)
+            self._store.delete_instance(replaces)
+        previous = self._instances.get(instance_id) or replaced
         self._instances[instance_id] = inst
         self._deadline[instance_id] = self._clock() + self._ttl
         self._store.put_instance(inst)
-        if previous is None or (previous.host, previous.port, previous.runtime) != (host, port, runtime):
-            log.info("runtime %s instance %s registered at %s:%d", runtime, instance_id, host, port)
+        if previous is None or (previous.address, previous.port, previous.runtime) != (inst.address, port, runtime):
+            log.info("runtime %s instance %s registered at %s:%d", runtime, instance_id, inst.address, port)
             self._changed()
+        elif replaced is not None:
+            log.info("runtime %s instance %s took over from %s at %s:%d", runtime, instance_id, replaces, inst.address, port)
+
+    def holder(self, instance_id: str) -> Holder | None:
+        inst = self._instances.get(instance_id)
+        return Holder(inst.id, inst.runtime, inst.token_id) if inst else None
+
+    def holder_at(self, runtime: str, ip: str, port: int) -> Holder | None:
+        for inst in self._instances.values():
+            if inst.runtime == runtime and inst.address == ip and inst.port == port:
+                return Holder(inst.id, inst.runtime, inst.token_id)
+        return None
 
     def heartbeat(self, instance_id: str) -> bool:
         if instance_id not in self._instances:
@@ -98,3 +127,11 @@ class EmbeddedRegistry(Registry):
         while True:
             await asyncio.sleep(interval)
             self.sweep()
+
+
+def _is_ip(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+        return True
+    except ValueError:
+        return False

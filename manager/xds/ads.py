@@ -12,10 +12,17 @@ cache and reports to the ``Callbacks``. Both variants honour the protocol:
   the rejection is reported with Envoy's error text and not re-sent until the
   snapshot changes.
 
+Only known nodes: a stream must carry a node token (``manager.xds.auth``), checked
+before anything is read; the node on its first request must be the token's (id, role,
+service), or the stream is refused (PERMISSION_DENIED) without a response.
+
 Make before break: one response per type is in flight at a time, types go out in the
-order clusters, endpoints, listeners, route scopes, routes, and listeners, scopes
-and routes are held back while a cluster or endpoint response is unacknowledged, so
-no route points at a cluster Envoy has not warmed.
+order secrets, clusters, endpoints, listeners, route scopes, routes, and listeners,
+scopes and routes are held back while a secret, cluster or endpoint response is
+unacknowledged, so no route points at a cluster Envoy has not warmed. (Envoy asks for
+a node's SDS secrets when a cluster or listener it got names them, and keeps those
+warming until the secrets arrive; a secret's new version — a rotated certificate —
+changes nothing else.)
 
 State of the world re-sends every resource of a type when its version changes (what
 that protocol requires). Delta sends only the resources whose versions differ from
@@ -34,14 +41,16 @@ from dataclasses import dataclass, field
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
-from manager.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SCOPED_ROUTE, NodeInfo
+from manager.xds.auth import NodeAuth, NodeClaims
+from manager.xds.resources import CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SCOPED_ROUTE, SECRET, NodeInfo
 from manager.xds.snapshot import SNAPSHOT_CHANGED, Callbacks, Snapshot, SnapshotCache
 
 log = logging.getLogger(__name__)
 _nonces = itertools.count(1)
 END = object()
-#: types held back while a cluster or endpoint response is unacknowledged
+#: types held back while a secret, cluster or endpoint response is unacknowledged
 _AFTER_WARMING = (LISTENER, SCOPED_ROUTE, ROUTE)
+_WARMING = (SECRET, CLUSTER, ENDPOINT)
 
 
 def _short(type_url: str) -> str:
@@ -51,10 +60,11 @@ def _short(type_url: str) -> str:
 class _Stream:
     """What both variants share: the inbox loop, the node, the callbacks."""
 
-    def __init__(self, cache: SnapshotCache, callbacks: Callbacks, context: grpc.aio.ServicerContext):
+    def __init__(self, cache: SnapshotCache, callbacks: Callbacks, context: grpc.aio.ServicerContext, claims: NodeClaims):
         self.cache = cache
         self.callbacks = callbacks
         self.context = context
+        self.claims = claims
         self.node: NodeInfo | None = None
         # requests from Envoy, SNAPSHOT_CHANGED from the cache, END when Envoy hangs up
         self.inbox: asyncio.Queue = asyncio.Queue()
@@ -92,7 +102,13 @@ class _Stream:
             return
         if not request.node.id:
             await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first request must carry the node")
-        self.node = NodeInfo.from_node(request.node.id, request.node.cluster, request.node.metadata)
+        node = NodeInfo.from_node(request.node.id, request.node.cluster, request.node.metadata)
+        claims = self.claims
+        if (node.id, node.role, node.service) != (claims.node_id, claims.role, claims.service):
+            log.warning("xDS: refused node %s (%s, service %s): its token is for %s (%s, service %s)",
+                        node.id, node.role, node.service, claims.node_id, claims.role, claims.service)
+            await self.context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this token is for node {claims.node_id!r} ({claims.role}, {claims.service})")
+        self.node = node
         self.callbacks.on_node(self.node)
         self.cache.watch(self.node.id, self.inbox)
         log.info("xDS: node %s connected (%s, role %s, service %s)", self.node.id, type(self).__name__, self.node.role, self.node.service)
@@ -164,7 +180,7 @@ class SotwStream(_Stream):
                 self.types[ENDPOINT].stale = True
 
     def _warming(self) -> bool:
-        return self.types[CLUSTER].pending or self.types[ENDPOINT].pending
+        return any(self.types[t].pending for t in _WARMING)
 
     async def _send(self, type_url: str, version: str, resources, state: _SotwType) -> None:
         state.nonce = str(next(_nonces))
@@ -250,7 +266,7 @@ class DeltaStream(_Stream):
             state = self.types[type_url]
             if not state.open or state.pending:
                 continue
-            if type_url in _AFTER_WARMING and (self.types[CLUSTER].pending or self.types[ENDPOINT].pending):
+            if type_url in _AFTER_WARMING and any(self.types[t].pending for t in _WARMING):
                 continue
             if type_url in (SCOPED_ROUTE, ROUTE) and self.types[LISTENER].pending:
                 continue
@@ -305,12 +321,15 @@ class DeltaStream(_Stream):
 
 
 class AdsServicer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    def __init__(self, cache: SnapshotCache, callbacks: Callbacks):
+    def __init__(self, cache: SnapshotCache, callbacks: Callbacks, auth: NodeAuth):
         self.cache = cache
         self.callbacks = callbacks
+        self.auth = auth
 
     async def StreamAggregatedResources(self, request_iterator, context):
-        await SotwStream(self.cache, self.callbacks, context).run(request_iterator)
+        claims = await self.auth.authenticate(context)
+        await SotwStream(self.cache, self.callbacks, context, claims).run(request_iterator)
 
     async def DeltaAggregatedResources(self, request_iterator, context):
-        await DeltaStream(self.cache, self.callbacks, context).run(request_iterator)
+        claims = await self.auth.authenticate(context)
+        await DeltaStream(self.cache, self.callbacks, context, claims).run(request_iterator)

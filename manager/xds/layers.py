@@ -7,22 +7,39 @@ control plane tells ``MeshLayers`` what changed (a pipeline's live revisions, a
 runtime, a runtime's endpoints); each call rebuilds only that resource, and
 ``snapshot_for`` assembles a node's snapshot from layer references, so nothing here
 costs more with more pipelines.
+
+Secrets: a node whose resources use mTLS (``resources.uses_mtls``: runtimes, gateways)
+gets a layer of its own SDS secrets: a certificate for its identity from the mesh CA
+and the CA itself. ``rotate_due`` re-issues the certificates past two thirds of their
+life; the new secret goes out as one changed resource, new connections use it, and
+open connections (and the requests on them) are left alone.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+
+from manager.ca import CertificateAuthority, Issued
 from manager.xds.resources import (
-    CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SCOPED_ROUTE, MeshSettings, NodeInfo,
+    CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SCOPED_ROUTE, SECRET, MeshSettings, NodeInfo,
     endpoints_resource, node_resources, pipeline_scope_resource, retry_policy, runtime_cluster_resource,
+    secret_resources, uses_mtls,
 )
+from manager.xds.ingress_auth import public_ingress
 from manager.xds.snapshot import ResourceSet, Snapshot, resource
 from sluice.plan import PipelinePlan
 from sluice.wire import pipeline_scope
 
 
 class MeshLayers:
-    def __init__(self, settings: MeshSettings):
+    def __init__(self, settings: MeshSettings, ca: CertificateAuthority | None = None, cert_ttl_s: float = 3600.0):
+        """``ca``: the mesh CA that signs node certificates (the manager passes its persisted
+        one; tests and tools get a CA in memory)."""
         self.settings = settings
+        self.ca = ca or CertificateAuthority.ephemeral()
+        self.cert_ttl_s = cert_ttl_s
+        self._secrets: dict[NodeInfo, tuple[ResourceSet, Issued]] = {}
         self._retries = retry_policy(settings.stage_retries)
         self.clusters = ResourceSet("runtime-clusters", {})
         self.endpoints = ResourceSet("runtime-endpoints", {})
@@ -68,6 +85,14 @@ class MeshLayers:
             resource(ENDPOINT, endpoints_resource(r, self._endpoint_sets.get(r, ()))) for r in sorted(changed & self._runtimes)
         )
 
+    def set_auth(self, auth) -> None:
+        """Secure mode: what the public ingresses check changed (first set, or a token was
+        revoked). Only the nodes whose ingress checks tokens are rebuilt; of their resources
+        only the ingress route configuration differs, so only it is sent."""
+        self.settings = replace(self.settings, auth=auth)
+        for node in [n for n in self._nodes if public_ingress(n)]:
+            del self._nodes[node]
+
     # --- snapshots
     def snapshot_for(self, node: NodeInfo) -> Snapshot:
         own = self._nodes.get(node)
@@ -79,8 +104,10 @@ class MeshLayers:
                 for t in PUSH_ORDER
             }
             self._nodes[node] = own
+        secrets = self._secrets_for(node)
         if node.role == "gateway" and node.egress_port:
             layers = {
+                SECRET: secrets,
                 CLUSTER: (own[CLUSTER], self.clusters),
                 ENDPOINT: (self.endpoints,),
                 LISTENER: (own[LISTENER],),
@@ -88,8 +115,43 @@ class MeshLayers:
                 ROUTE: (own[ROUTE],),
             }
         else:
-            layers = {t: (own[t],) for t in PUSH_ORDER}
-        return Snapshot(layers)
+            layers = {t: (own[t],) for t in PUSH_ORDER if t != SECRET}
+            layers[SECRET] = secrets
+        return Snapshot({t: layers[t] for t in PUSH_ORDER})
+
+    def _secrets_for(self, node: NodeInfo) -> tuple[ResourceSet, ...]:
+        if not uses_mtls(node):
+            return ()
+        held = self._secrets.get(node)
+        if held is None:
+            held = self._issue(node, None)
+        return (held[0],)
+
+    def _issue(self, node: NodeInfo, previous: ResourceSet | None) -> tuple[ResourceSet, Issued]:
+        issued = self.ca.issue_for(node.role, node.service, self.cert_ttl_s)
+        resources = [resource(SECRET, m) for m in secret_resources(issued)]
+        self._builds += 1
+        layer = previous.update(resources) if previous is not None else ResourceSet.of(f"secrets-{self._builds}", resources)
+        self._secrets[node] = (layer, issued)
+        return self._secrets[node]
+
+    def certificate(self, node: NodeInfo) -> Issued | None:
+        """The certificate a node holds now (None: it uses none)."""
+        held = self._secrets.get(node)
+        return held[1] if held else None
+
+    def next_renewal(self) -> float | None:
+        """When the next certificate is due for renewal (epoch seconds), if any is held."""
+        return min((issued.renew_at for _, issued in self._secrets.values()), default=None)
+
+    def rotate_due(self, now: float | None = None) -> list[NodeInfo]:
+        """Re-issue every certificate past its renewal time; the nodes whose secrets changed."""
+        now = time.time() if now is None else now
+        due = [node for node, (_, issued) in self._secrets.items() if issued.renew_at <= now]
+        for node in due:
+            self._issue(node, self._secrets[node][0])
+        return due
 
     def forget(self, node: NodeInfo) -> None:
         self._nodes.pop(node, None)
+        self._secrets.pop(node, None)

@@ -23,9 +23,8 @@ the mesh names a collector.
 from __future__ import annotations
 
 import ipaddress
-import socket
+import logging
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 # The _pb2 modules must be imported for json_format to resolve their "@type"s.
@@ -36,25 +35,41 @@ import envoy.config.route.v3.route_components_pb2 as route_components_pb2
 import envoy.config.route.v3.route_pb2 as route_pb2
 import envoy.config.route.v3.scoped_route_pb2 as scoped_route_pb2
 import envoy.config.trace.v3.zipkin_pb2  # noqa: F401
+import envoy.extensions.filters.listener.tls_inspector.v3.tls_inspector_pb2  # noqa: F401
+import envoy.extensions.transport_sockets.tls.v3.secret_pb2 as secret_pb2
+import envoy.extensions.transport_sockets.tls.v3.tls_pb2  # noqa: F401
 import envoy.extensions.filters.http.router.v3.router_pb2  # noqa: F401
 import envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2  # noqa: F401
 import envoy.extensions.upstreams.http.v3.http_protocol_options_pb2  # noqa: F401
 from google.protobuf import duration_pb2, json_format, struct_pb2
 from google.protobuf.message import Message
 
+from manager.ca import GATEWAY_ID, MANAGER_ID, Issued, dns_name, runtime_id
+from manager.xds.ingress_auth import IngressAuth, public_ingress
 from sluice.plan import PipelinePlan
 from sluice.wire import (
     EGRESS, INGRESS, MODEL_HEADER, PIPELINE_HEADER, ROUTE_HEADER, STAGE_HEADER, UNROUTED, ZIPKIN_CLUSTER,
     pipeline_scope, runtime_cluster,
 )
 
+log = logging.getLogger(__name__)
+
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 SCOPED_ROUTE = "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
-#: the order in which types are pushed: clusters warm before anything points at them
-PUSH_ORDER = (CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+#: the order in which types are pushed: secrets before the clusters and listeners that
+#: use them, clusters warm before anything points at them
+PUSH_ORDER = (SECRET, CLUSTER, ENDPOINT, LISTENER, SCOPED_ROUTE, ROUTE)
+
+#: SDS secret names, per node: its own certificate and key, and the mesh CA
+CERT_SECRET = "sluice_cert"
+CA_SECRET = "sluice_ca"
+#: who may call a runtime's sidecar: the gateway (stage calls through its egress) and the
+#: manager (ModelMetadata when a runtime registers, model loads)
+RUNTIME_CALLERS = (GATEWAY_ID, MANAGER_ID)
 
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER = {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
@@ -106,20 +121,25 @@ class MeshSettings:
     stage_retries: int = 2
     zipkin: tuple[str, int] | None = None
     trace_sample_percent: float = 100.0
+    #: secure mode: what the manager's and the gateway's ingress check (tokens); None: dev mode
+    auth: IngressAuth | None = None
+    #: where the manager's and the gateway's ingress listen when set (dev mode: 127.0.0.1)
+    public_address: str = ""
+    #: a runtime sidecar also answers gRPC health checks in plaintext (and nothing else):
+    #: Consul's checks of runtime instances, which hold no mesh certificate
+    plaintext_health: bool = False
 
 
 def _parse(message: type[Message], d: dict[str, Any]) -> Message:
     return json_format.ParseDict(d, message())
 
 
-@lru_cache(maxsize=1024)
-def _ip(host: str) -> str:
-    """EDS endpoints must be IP addresses; resolve names once."""
+def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
-        return host
+        return True
     except ValueError:
-        return socket.gethostbyname(host)
+        return False
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
@@ -141,12 +161,78 @@ def _static_cluster(name: str, port: int, h2: bool) -> Message:
     return _parse(cluster_pb2.Cluster, d)
 
 
-def _runtime_cluster(name: str) -> Message:
+_TLS = "envoy.transport_sockets.tls"
+_UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_DOWNSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+
+
+def _sds(name: str) -> dict[str, Any]:
+    return {"name": name, "sds_config": {"ads": {}, "resource_api_version": "V3"}}
+
+
+def _common_tls(peers: tuple[str, ...], alpn: list[str]) -> dict[str, Any]:
+    """The node's certificate and the mesh CA, both over SDS; the peer must present one of
+    ``peers`` (URI SANs) signed by that CA."""
+    return {
+        "alpn_protocols": alpn,
+        "tls_certificate_sds_secret_configs": [_sds(CERT_SECRET)],
+        "combined_validation_context": {
+            "default_validation_context": {
+                "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": uri}} for uri in peers],
+            },
+            "validation_context_sds_secret_config": _sds(CA_SECRET),
+        },
+    }
+
+
+def upstream_mtls(runtime: str) -> dict[str, Any]:
+    """How the gateway's sidecar calls runtime ``runtime``: its own certificate, and the
+    runtime's sidecar must prove it is that runtime."""
+    return {
+        "name": _TLS,
+        "typed_config": {
+            "@type": _UPSTREAM_TLS,
+            "sni": dns_name("runtime", runtime),
+            "common_tls_context": _common_tls((runtime_id(runtime),), ["h2"]),
+        },
+    }
+
+
+def downstream_mtls(callers: tuple[str, ...]) -> dict[str, Any]:
+    """A listener that only ``callers`` (URI SANs, certificates from the mesh CA) may call."""
+    return {
+        "name": _TLS,
+        "typed_config": {
+            "@type": _DOWNSTREAM_TLS,
+            "require_client_certificate": True,
+            "common_tls_context": _common_tls(callers, ["h2", "http/1.1"]),
+        },
+    }
+
+
+def uses_mtls(node: NodeInfo) -> bool:
+    """Whether a node's resources name the SDS secrets (a runtime's ingress, a gateway's
+    runtime clusters): only those nodes get (and ask for) a certificate."""
+    return node.role == "runtime" or (node.role == "gateway" and node.egress_port > 0)
+
+
+def secret_resources(issued: Issued) -> list[Message]:
+    """A node's SDS secrets: its certificate and key, and the mesh CA to validate peers."""
+    cert = secret_pb2.Secret(name=CERT_SECRET)
+    cert.tls_certificate.certificate_chain.inline_bytes = issued.cert_pem
+    cert.tls_certificate.private_key.inline_bytes = issued.key_pem
+    ca = secret_pb2.Secret(name=CA_SECRET)
+    ca.validation_context.trusted_ca.inline_bytes = issued.ca_pem
+    return [cert, ca]
+
+
+def _runtime_cluster(name: str, runtime: str) -> Message:
     return _parse(
         cluster_pb2.Cluster,
         {
             "name": name,
             "type": "EDS",
+            "transport_socket": upstream_mtls(runtime),
             "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
             "connect_timeout": "1s",
             "typed_extension_protocol_options": _H2_OPTIONS,
@@ -238,12 +324,57 @@ def _ingress(node: NodeInfo, state: MeshSettings) -> tuple[Message, Message, lis
             }
         )
     routes.append({"match": {"prefix": "/"}, "route": {"cluster": local, "timeout": "0s"}})
-    route_config = _parse(
-        route_pb2.RouteConfiguration,
-        {"name": INGRESS, "virtual_hosts": [{"name": "local", "domains": ["*"], "routes": routes}]},
-    )
+    vhost: dict[str, Any] = {"name": "local", "domains": ["*"], "routes": routes}
+    guard = state.auth if state.auth is not None and state.auth.protects(node) else None
+    if guard is not None:  # secure mode: tokens checked on the mesh's public ingresses (ingress_auth)
+        vhost = guard.virtual_host(node, vhost)
+    route_config = _parse(route_pb2.RouteConfiguration, {"name": INGRESS, "virtual_hosts": [vhost]})
     hcm = _hcm(INGRESS, _rds(INGRESS), _tracing(state, node, "ingress"))
-    return _listener(INGRESS, state.listener_address, node.ingress_port, hcm), route_config, clusters
+    if guard is not None:
+        guard.protect_hcm(node, hcm["typed_config"])
+    if node.role == "runtime":
+        return _runtime_ingress(node, state, hcm, local), route_config, clusters
+    address = state.public_address if state.public_address and public_ingress(node) else state.listener_address
+    return _listener(INGRESS, address, node.ingress_port, hcm), route_config, clusters
+
+
+#: the one call a runtime's sidecar answers in plaintext, when asked to (Consul's checks)
+HEALTH_CHECK_PATH = "/grpc.health.v1.Health/Check"
+
+
+def _runtime_ingress(node: NodeInfo, state: MeshSettings, hcm: dict[str, Any], local: str) -> Message:
+    """A runtime's ingress: mTLS, and only the gateway and the manager may call it. With
+    ``plaintext_health`` a second filter chain (chosen by the TLS inspector) answers a
+    plaintext gRPC health check and refuses everything else with a 403."""
+    mtls = {"name": "mtls", "filters": [hcm], "transport_socket": downstream_mtls(RUNTIME_CALLERS)}
+    listener: dict[str, Any] = {
+        "name": INGRESS,
+        "address": _address(state.listener_address, node.ingress_port),
+        "filter_chains": [mtls],
+    }
+    if state.plaintext_health:
+        mtls["filter_chain_match"] = {"transport_protocol": "tls"}
+        health_routes = {
+            "name": "plaintext-health",
+            "virtual_hosts": [{
+                "name": "health",
+                "domains": ["*"],
+                "routes": [
+                    {"match": {"path": HEALTH_CHECK_PATH}, "route": {"cluster": local, "timeout": "5s"}},
+                    {"match": {"prefix": "/"}, "direct_response": {"status": 403, "body": {"inline_string": "mTLS required"}}},
+                ],
+            }],
+        }
+        listener["listener_filters"] = [{
+            "name": "envoy.filters.listener.tls_inspector",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"},
+        }]
+        listener["filter_chains"].append({
+            "name": "plaintext-health",
+            "filter_chain_match": {"transport_protocol": "raw_buffer"},
+            "filters": [_hcm("ingress_plaintext", {"route_config": health_routes}, None)],
+        })
+    return _parse(listener_pb2.Listener, listener)
 
 
 def _scoped_routes() -> dict[str, Any]:
@@ -299,7 +430,7 @@ def node_resources(node: NodeInfo, state: MeshSettings) -> dict[str, list[Messag
 
 
 def runtime_cluster_resource(runtime: str) -> Message:
-    return _runtime_cluster(runtime_cluster(runtime))
+    return _runtime_cluster(runtime_cluster(runtime), runtime)
 
 
 def endpoints_resource(runtime: str, endpoints: tuple[tuple[str, int], ...]) -> Message:
@@ -307,8 +438,11 @@ def endpoints_resource(runtime: str, endpoints: tuple[tuple[str, int], ...]) -> 
     if endpoints:
         locality = assignment.endpoints.add()
         for host, port in endpoints:
+            if not _is_ip(host):  # registries store resolved addresses (manager.auth.networks)
+                log.warning("runtime %s: endpoint %s is not an IP address; left out", runtime, host)
+                continue
             address = locality.lb_endpoints.add().endpoint.address.socket_address
-            address.address, address.port_value = _ip(host), port
+            address.address, address.port_value = host, port
     return assignment
 
 

@@ -5,6 +5,11 @@ A change is "converged" for a set of types when every connected node (of a role)
 acknowledged, or rejected, the version of its current snapshot for each of them: a
 rejected version is settled too, since Envoy keeps its last good config. A node whose
 last stream closes is forgotten (and its snapshot dropped from the cache).
+
+Secrets are asked for on demand: Envoy subscribes to a node's SDS secrets only once a
+cluster or listener it holds names them (a gateway before its first runtime cluster
+never does). So a node is not waited on for secrets it never asked for; once it has
+answered a secret push, its secrets count like any other type.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from manager.xds.resources import NodeInfo
+from manager.xds.resources import SECRET, NodeInfo
 from manager.xds.snapshot import SnapshotCache
 
 log = logging.getLogger(__name__)
@@ -30,6 +35,7 @@ class NodeStatus:
     nacks: int = 0
     last_nack: str = ""
     connected_at: float = field(default_factory=time.time)
+    lagging: bool = False  # missed an acknowledgement deadline; see wait_converged
 
 
 class NodeTracker:
@@ -68,6 +74,9 @@ class NodeTracker:
         status = self._nodes.get(node_id)
         if status is not None:
             status.acked[type_url] = version
+            if status.lagging and self.node_converged(node_id, tuple(status.acked)):
+                status.lagging = False
+                log.info("xDS: node %s caught up: waited for again", node_id)
             self._notify()
 
     def on_nack(self, node_id: str, type_url: str, version: str, message: str) -> None:
@@ -99,26 +108,37 @@ class NodeTracker:
             self._changed.notify_all()
 
     # --- what the control plane waits on
-    def converged(self, role: str | None, type_urls: tuple[str, ...]) -> bool:
-        for node_id, status in self._nodes.items():
-            if role and status.info.role != role:
-                continue
-            snapshot = self.cache.snapshot(node_id)
-            if snapshot is None:
+    def node_converged(self, node_id: str, type_urls: tuple[str, ...]) -> bool:
+        status = self._nodes.get(node_id)
+        snapshot = self.cache.snapshot(node_id)
+        if status is None or snapshot is None:
+            return False
+        for t in type_urls:
+            if t not in status.acked and t not in status.rejected and (snapshot.count(t) == 0 or t == SECRET):
+                continue  # nothing of this type was ever there to hold (or asked for)
+            if snapshot.version(t) not in (status.acked.get(t), status.rejected.get(t)):
                 return False
-            for t in type_urls:
-                if t not in status.acked and t not in status.rejected and snapshot.count(t) == 0:
-                    continue  # nothing of this type was ever there to hold
-                if snapshot.version(t) not in (status.acked.get(t), status.rejected.get(t)):
-                    return False
         return True
 
+    def _waited_for(self, role: str | None) -> list[str]:
+        return [n for n, s in self._nodes.items() if not s.lagging and (not role or s.info.role == role)]
+
+    def converged(self, role: str | None, type_urls: tuple[str, ...]) -> bool:
+        return all(self.node_converged(node_id, type_urls) for node_id in self._waited_for(role))
+
     async def wait_converged(self, role: str | None, type_urls: tuple[str, ...], timeout: float) -> bool:
-        """Wait until every connected node (of ``role``) settled its current snapshot."""
+        """Wait until every connected node (of ``role``) settled its current snapshot. A node
+        that misses the deadline is marked lagging and not waited for at later changes until
+        it has acknowledged everything again, so one stuck Envoy costs one timeout, not one
+        per change."""
         try:
             async with self._changed:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self.converged(role, type_urls)), timeout)
             return True
         except asyncio.TimeoutError:
-            log.warning("xDS: %s nodes did not acknowledge %s within %.1fs", role or "all", [t.rsplit(".", 1)[-1] for t in type_urls], timeout)
+            behind = [n for n in self._waited_for(role) if not self.node_converged(n, type_urls)]
+            for node_id in behind:
+                self._nodes[node_id].lagging = True
+            log.warning("xDS: nodes %s did not acknowledge %s within %.1fs: not waited for until they catch up",
+                        behind, [t.rsplit(".", 1)[-1] for t in type_urls], timeout)
             return False

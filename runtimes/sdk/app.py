@@ -6,6 +6,13 @@ The models of ``SLUICE_RUNTIME_MODELS`` are loaded at start through the same
 extension (``RepositoryModelLoad``/``RepositoryModelUnload``) changes at run time;
 the registration announces whatever that set holds when it registers. Shutdown
 closes every model.
+
+Every model file is checked before a loader opens it: against the digests the manager
+recorded for the version (asked of ``SLUICE_RUNTIME_MANAGER_URL`` with
+``SLUICE_RUNTIME_TOKEN``, see ``digests``). A start-up model whose files do not match
+stops the start-up with an error that names the file and both digests. With no
+manager URL, files are checked against the repository's own listing with a warning,
+or refused when ``SLUICE_RUNTIME_REQUIRE_DIGESTS`` is set.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from prometheus_client import start_http_server
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from runtimes.sdk.consul import ConsulRegistration
+from runtimes.sdk.digests import ManagerDigests
+from runtimes.sdk.model import ModelLoadError
 from runtimes.sdk.models import Loader, ModelSet
 from runtimes.sdk.registration import ModelNames, Registration
 from runtimes.sdk.repository import ModelRepository
@@ -33,8 +42,27 @@ from sluice.tracing import setup_tracing
 log = logging.getLogger(__name__)
 
 def model_set(settings: RuntimeSettings, loader: Loader) -> ModelSet:
-    """An empty set that loads with ``loader`` from the settings' repository and cache."""
-    return ModelSet(loader=loader, repository=ModelRepository(settings.repository_url, settings.cache_dir))
+    """An empty set that loads with ``loader`` from the settings' repository and cache,
+    checking files against the digests the settings' manager recorded."""
+    digests = (
+        ManagerDigests(settings.manager_url, settings.token, wait_s=settings.manager_wait_s)
+        if settings.manager_url else None
+    )
+    return ModelSet(
+        loader=loader,
+        repository=ModelRepository(settings.repository_url, settings.cache_dir),
+        digests=digests,
+        require_digests=settings.require_digests,
+    )
+
+
+async def close_set(models: ModelSet) -> None:
+    """Close every model and the set's clients (repository, manager)."""
+    await models.close()
+    if models.repository is not None:
+        await models.repository.aclose()
+    if models.digests is not None:
+        await models.digests.aclose()
 
 
 async def load_models(settings: RuntimeSettings, loader: Loader, models: ModelSet | None = None) -> ModelSet:
@@ -43,8 +71,15 @@ async def load_models(settings: RuntimeSettings, loader: Loader, models: ModelSe
     models = models if models is not None else model_set(settings, loader)
     for ref in settings.model_refs():
         name, _, version = ref.partition(":")
-        await models.load(name, version)
+        try:
+            await models.load(name, version)
+        except ModelLoadError as exc:
+            raise StartupLoadError(f"runtime {settings.name!r} cannot start: model {ref!r}: {exc}") from exc
     return models
+
+
+class StartupLoadError(RuntimeError):
+    """A model of ``SLUICE_RUNTIME_MODELS`` could not be loaded (or its files failed their check)."""
 
 
 def registration_for(
@@ -72,8 +107,7 @@ async def serve_runtime(kind: str, loader: Loader, settings: RuntimeSettings | N
     try:
         await load_models(settings, loader, models)
     except BaseException:
-        await models.close()
-        await models.repository.aclose()
+        await close_set(models)
         raise
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -107,12 +141,15 @@ async def serve_runtime(kind: str, loader: Loader, settings: RuntimeSettings | N
     if registration:
         await registration.stop()
     await server.stop(grace=2)
-    await models.close()
-    await models.repository.aclose()
+    await close_set(models)
 
 
 def main(kind: str, loader: Loader) -> None:
     """Entry point of ``python -m runtimes.<kind>``."""
     setup_logging(f"runtime-{kind}", CommonSettings().log_level)
     install_uvloop()
-    asyncio.run(serve_runtime(kind, loader))
+    try:
+        asyncio.run(serve_runtime(kind, loader))
+    except StartupLoadError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None

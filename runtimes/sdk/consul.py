@@ -12,6 +12,9 @@ restart), and is withdrawn on shutdown. Same ``start()``/``stop()`` shape as
 ``models`` may be a callable returning the names now loaded: the Meta is built at each
 registration, and the service is registered again (same ID and check) when the loaded
 models differ from the Meta last sent, found at the same recheck as a forgotten service.
+
+With ACLs on in Consul, every call carries ``SLUICE_CONSUL_TOKEN`` (or ``token``): a
+token whose policy lets it write this service (``service "<name>" { policy = "write" }``).
 """
 
 from __future__ import annotations
@@ -73,11 +76,14 @@ class ConsulRegistration:
         models: ModelNames,
         *,
         recheck_s: float = 10.0,
+        token: str | None = None,
         **check: str,
     ):
-        """``check``: ``check_interval``, ``check_timeout``, ``deregister_after`` (Consul durations)."""
+        """``check``: ``check_interval``, ``check_timeout``, ``deregister_after`` (Consul durations);
+        ``token``: the Consul ACL token (default ``SLUICE_CONSUL_TOKEN``)."""
         sluice_consul.split_address(address)
         self.address = address
+        self._token = token
         self.models = models
         self._define = lambda names: service_definition(name, kind, host, port, names, **check)
         self.service = self._define(model_names(models))
@@ -88,7 +94,7 @@ class ConsulRegistration:
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        self._client = sluice_consul.client(self.address, timeout_s=10)
+        self._client = sluice_consul.client(self.address, timeout_s=10, token=self._token)
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:

@@ -19,6 +19,13 @@ Models go out through ``remove(name, version)``: new requests no longer find the
 requests already running on them finish, and each removed model is closed once
 its last in-flight call (``use``) has returned.
 
+Every file is checked before the loader sees it (``repository.fetch_model``): against
+the digests the manager recorded for the version, given with the load (a hot load
+from the manager) or asked of the manager (``digests.ManagerDigests``: start-up
+models, other callers). A set with no manager to ask checks the repository's own
+listing and logs a warning, or, with ``require_digests``, refuses the load. A file
+that fails its check fails the load before any loader runs: the set stays as it was.
+
 Startup loading (``SLUICE_RUNTIME_MODELS``), the repository extension's
 ``RepositoryModelLoad``/``RepositoryModelUnload``, registration (``names``) and
 metrics labels (``__contains__``) all read or change this one set.
@@ -33,8 +40,9 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
+from runtimes.sdk.digests import ManagerDigests
 from runtimes.sdk.model import Model, ModelArtifact, ModelLoadError
-from runtimes.sdk.repository import ModelRepository
+from runtimes.sdk.repository import Digests, ModelRepository, check_digests, safe_version
 from sluice.versions import version_key
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,10 @@ class NoRepository(ModelLoadError):
     """This set has no repository or loader to load models from at run time."""
 
 
+class UnverifiedRefused(ModelLoadError):
+    """No recorded digests to check a version's files against, and the set requires them."""
+
+
 @dataclass(eq=False)
 class _Slot:
     """A loaded model and the calls now running on it."""
@@ -76,9 +88,15 @@ class ModelSet:
         *,
         loader: Loader | None = None,
         repository: ModelRepository | None = None,
+        digests: ManagerDigests | None = None,
+        require_digests: bool = False,
     ):
         self.loader = loader
         self.repository = repository
+        #: where recorded digests come from when a load does not bring them; None: no manager
+        self.digests = digests
+        #: refuse a load that has no recorded digests (instead of a warning)
+        self.require_digests = require_digests
         self._slots: dict[str, dict[str, _Slot]] = {}
         self._locks: dict[str, list] = {}  # name -> [lock, users]
         self._loads: set[asyncio.Task] = set()
@@ -164,25 +182,35 @@ class ModelSet:
         await asyncio.gather(*(self._close(s) for s in slots if s.inflight == 0))
         return removed
 
-    async def load(self, name: str, version: str = "") -> tuple[Model, bool]:
-        """Fetch ``name`` at ``version`` (default: the repository's latest) and add it.
+    async def load(self, name: str, version: str = "", digests: Digests | None = None) -> tuple[Model, bool]:
+        """Fetch ``name`` at ``version`` (default: the repository's latest), check its
+        files, and add it. ``digests``: the ``{path: sha256}`` the manager recorded for
+        that version (needs an explicit ``version``); None: ask the manager.
 
         Returns the model and whether it was loaded now (False: it was already loaded).
         Raises ``repository.ModelNotInRepository``, ``repository.RepositoryUnavailable``,
-        ``ModelLoadFailed`` (the loader refused it) or ``NoRepository``.
+        ``repository.DigestMismatch`` (a file is not what was recorded: nothing was
+        loaded), ``repository.UnsafeArtifact``, ``UnverifiedRefused``, ``ModelLoadFailed``
+        (the loader refused it) or ``NoRepository``.
         """
         if self.repository is None or self.loader is None:
             raise NoRepository("this runtime has no model repository to load models from")
+        if version:
+            safe_version(version)
+        if digests is not None:
+            if not version:
+                raise ModelLoadError("expected digests are for one version: name the version too")
+            digests = check_digests(digests)
         if version and self.loaded(name, version):  # already there: no lock, no fetch
             return self.get(name, version), False
-        task = asyncio.create_task(self._load(name, version), name=f"load {name}:{version or 'latest'}")
+        task = asyncio.create_task(self._load(name, version, digests), name=f"load {name}:{version or 'latest'}")
         self._loads.add(task)
         task.add_done_callback(self._load_done)
         return await asyncio.shield(task)  # a cancelled caller does not cancel the load
 
-    async def _load(self, name: str, version: str) -> tuple[Model, bool]:
+    async def _load(self, name: str, version: str, digests: Digests | None) -> tuple[Model, bool]:
         try:
-            return await self._load_locked(name, version)
+            return await self._load_locked(name, version, digests)
         except ModelLoadError as exc:
             log.warning("load %s%s: %s", name, f" version {version}" if version else "", exc)
             raise
@@ -190,14 +218,17 @@ class ModelSet:
             log.exception("load %s%s failed", name, f" version {version}" if version else "")
             raise
 
-    async def _load_locked(self, name: str, version: str) -> tuple[Model, bool]:
+    async def _load_locked(self, name: str, version: str, digests: Digests | None) -> tuple[Model, bool]:
         async with self._lock(name):
             if version and self.loaded(name, version):
                 return self.get(name, version), False
             metadata = await self.repository.metadata(name, version)
-            if self.loaded(name, str(metadata["version"])):  # "latest" resolved to a loaded version
-                return self.get(name, str(metadata["version"])), False
-            artifact = await self.repository.fetch(name, str(metadata["version"]), metadata)
+            resolved = safe_version(str(metadata["version"]))
+            if self.loaded(name, resolved):  # "latest" resolved to a loaded version
+                return self.get(name, resolved), False
+            if digests is None:
+                digests = await self._recorded(name, resolved)
+            artifact = await self.repository.fetch(name, resolved, metadata, digests)
             try:
                 model = await build(self.loader, artifact)
             except Exception as exc:
@@ -212,6 +243,22 @@ class ModelSet:
             self.add(model)
             log.info("loaded %s version %s (%s)", model.name, model.version, model.platform)
             return model, True
+
+    async def _recorded(self, name: str, version: str) -> Digests | None:
+        """The manager's digests of the version; None (checked against the repository's
+        own listing) only when there is no manager to ask and none are required."""
+        if self.digests is not None:
+            return await self.digests.expected(name, version)
+        if self.require_digests:
+            raise UnverifiedRefused(
+                f"refusing to load {name!r} version {version}: no manager to check its files against "
+                "(SLUICE_RUNTIME_REQUIRE_DIGESTS is set and SLUICE_RUNTIME_MANAGER_URL is empty)"
+            )
+        log.warning(
+            "loading %s version %s checked against the repository's own digests only: no manager "
+            "recorded them for this runtime (SLUICE_RUNTIME_MANAGER_URL is empty)", name, version,
+        )
+        return None
 
     def _load_done(self, task: asyncio.Task) -> None:
         self._loads.discard(task)

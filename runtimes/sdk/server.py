@@ -14,10 +14,16 @@ The model-repository extension, exactly as tritonclient's ``load_model`` /
 ``unload_model`` / ``get_model_repository_index`` call it:
 
 * ``RepositoryModelLoad``: the string parameter ``version`` picks the version
-  (default: the repository's latest); the model is fetched from the repository and
-  built off the event loop while requests keep being served. Already loaded: success,
-  nothing done. The repository lacks it: NOT_FOUND; the repository is unreachable:
-  UNAVAILABLE; the loader refuses it: INVALID_ARGUMENT with the reason. Triton's
+  (default: the repository's latest; not one safe path segment: INVALID_ARGUMENT);
+  the string parameter ``sluice.digests`` (JSON ``{path: sha256}``, what the manager
+  recorded when the version was deployed; needs ``version``) is what every file
+  must hash to; without it the runtime asks the manager (``models.ModelSet``). The
+  model is fetched from the repository, checked, and built off the event loop while
+  requests keep being served. Already loaded: success, nothing done. The repository
+  lacks it: NOT_FOUND; the repository (or the manager) is unreachable: UNAVAILABLE;
+  a file whose bytes are not the recorded ones: FAILED_PRECONDITION naming the file
+  and both digests (nothing was loaded); a malformed ``sluice.digests``, an unsafe
+  path, or the loader refusing it: INVALID_ARGUMENT with the reason. Triton's
   override parameters (``config``, ``file:<path>``) are refused with INVALID_ARGUMENT;
   other parameters are ignored.
 * ``RepositoryModelUnload``: ``version`` unloads that version, else every version of
@@ -31,6 +37,7 @@ any other name counts as "unknown", so clients cannot grow the series.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -40,10 +47,13 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from runtimes.sdk import metrics
 from runtimes.sdk.model import Model
-from runtimes.sdk.models import ModelLoadFailed, ModelNotFound, ModelSet, NoRepository
+from runtimes.sdk.digests import DigestsRefused
+from runtimes.sdk.models import ModelLoadFailed, ModelNotFound, ModelSet, NoRepository, UnverifiedRefused
 from sluice.versions import version_key
-from sluice.wire import PIPELINE_HEADER, STAGE_HEADER
-from runtimes.sdk.repository import ModelNotInRepository, RepositoryUnavailable
+from sluice.wire import PIPELINE_HEADER, STAGE_HEADER, DIGESTS_PARAMETER
+from runtimes.sdk.repository import (
+    DigestMismatch, ModelNotInRepository, RepositoryUnavailable, UnsafeArtifact, check_digests, safe_version,
+)
 from sluice.tensors import TensorError, fill_response, request_inputs
 from sluice.tracing import Tracing
 
@@ -64,6 +74,22 @@ def _version_param(parameters) -> str:
     if kind == "int64_param":
         return str(param.int64_param)
     raise ValueError(f"parameter 'version' must be a string, not {kind or 'empty'}")
+
+
+def _digests_param(parameters) -> dict[str, str] | None:
+    """The ``sluice.digests`` parameter (JSON ``{path: sha256}``), None when absent;
+    ``ValueError`` (or ``UnsafeArtifact``) saying what is wrong with a bad one."""
+    if DIGESTS_PARAMETER not in parameters:
+        return None
+    param = parameters[DIGESTS_PARAMETER]
+    kind = param.WhichOneof("parameter_choice")
+    if kind != "string_param":
+        raise ValueError(f"parameter {DIGESTS_PARAMETER!r} must be a JSON string, not {kind or 'empty'}")
+    try:
+        value = json.loads(param.string_param)
+    except ValueError as exc:
+        raise ValueError(f"parameter {DIGESTS_PARAMETER!r} is not JSON: {exc}") from None
+    return check_digests(value)
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -105,6 +131,67 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             outputs=_tensors(model.outputs),
         )
 
+    # --- configuration and statistics, as Triton's clients and tools ask for them
+
+    async def ModelConfig(self, request, context):
+        """A Triton-style configuration from the model's signature. ``max_batch_size``
+        is the model's own limit where it has one (a ``max_batch_size`` attribute, or
+        its Triton configuration's), and the dims then leave out the batch dimension;
+        else 0, with the dims as the signature has them (``-1`` rows first)."""
+        from tritonclient.grpc import model_config_pb2 as mc
+
+        try:
+            model = self.models.get(request.name, request.version)
+        except ModelNotFound as exc:
+            await self._not_found(context, exc)
+        limit = getattr(model, "max_batch_size", None)
+        if limit is None:
+            limit = getattr(getattr(model, "config", None), "max_batch_size", 0)
+        specs = (*model.inputs, *model.outputs)
+        batch = int(limit) if isinstance(limit, int) and limit > 0 and all(s.shape and s.shape[0] == -1 for s in specs) else 0
+        config = mc.ModelConfig(name=model.name, platform=model.platform, backend=self.kind, max_batch_size=batch)
+        config.version_policy.specific.versions.extend(int(v) for v in self.models.versions(model.name) if v.isdigit())
+        for tensors, add in ((model.inputs, config.input.add), (model.outputs, config.output.add)):
+            for s in tensors:
+                datatype = mc.DataType.Value("TYPE_STRING" if s.datatype == "BYTES" else f"TYPE_{s.datatype}")
+                add(name=s.name, data_type=datatype, dims=s.shape[1 if batch else 0 :])
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(self, request, context):
+        """Per loaded model name (at its default version), from this runtime's metrics
+        (``runtimes.sdk.metrics``): ``success`` counts OK calls, ``fail`` the others;
+        every call is timed in one histogram, so ``compute_infer`` holds all calls and
+        their time, and ``success.ns`` that same time (``fail.ns`` stays 0)."""
+        if request.name:
+            try:
+                model = self.models.get(request.name, request.version)
+            except ModelNotFound as exc:
+                await self._not_found(context, exc)
+            wanted = {model.name: model.version}
+        else:
+            wanted = {name: self.models.versions(name)[-1] for name in self.models.names()}
+        calls: dict[str, dict[str, float]] = {name: {} for name in wanted}
+        for family in metrics.INFERENCES.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total") and sample.labels["model"] in calls:
+                    calls[sample.labels["model"]][sample.labels["status"]] = sample.value
+        timed: dict[str, dict[str, float]] = {name: {} for name in wanted}
+        for family in metrics.INFERENCE_SECONDS.collect():
+            for sample in family.samples:
+                if sample.labels.get("model") in timed and sample.name.endswith(("_count", "_sum")):
+                    timed[sample.labels["model"]][sample.name.rsplit("_", 1)[1]] = sample.value
+        response = pb.ModelStatisticsResponse()
+        for name, version in wanted.items():
+            ok = int(calls[name].get("OK", 0))
+            failed = int(sum(v for status, v in calls[name].items() if status != "OK"))
+            ns = int(timed[name].get("sum", 0.0) * 1e9)
+            entry = response.model_stats.add(name=name, version=version, inference_count=ok, execution_count=ok)
+            stats = entry.inference_stats
+            stats.success.count, stats.success.ns = ok, ns
+            stats.fail.count = failed
+            stats.compute_infer.count, stats.compute_infer.ns = int(timed[name].get("count", 0)), ns
+        return response
+
     # --- the model-repository extension
 
     async def RepositoryIndex(self, request, context):
@@ -138,17 +225,24 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             )
         try:
             version = _version_param(request.parameters)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if version:
+                safe_version(version)
+            digests = _digests_param(request.parameters)
+            if digests is not None and not version:
+                raise ValueError(f"parameter {DIGESTS_PARAMETER!r} needs the parameter 'version' (digests are per version)")
+        except (ValueError, UnsafeArtifact) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"runtime {self.name!r}: {exc}")
         try:
-            model, loaded = await self.models.load(name, version)
+            model, loaded = await self.models.load(name, version, digests)
         except ModelNotInRepository as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except RepositoryUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except NoRepository as exc:
+        except (NoRepository, UnverifiedRefused, DigestsRefused) as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"runtime {self.name!r}: {exc}")
-        except ModelLoadFailed as exc:
+        except DigestMismatch as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"runtime {self.name!r}: {exc}")
+        except (ModelLoadFailed, UnsafeArtifact) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Exception as exc:  # anything else (a repository answer we cannot use); logged by the set
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"failed to load {name!r}{f' version {version}' if version else ''}: {exc}")

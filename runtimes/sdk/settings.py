@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,9 +23,32 @@ class RuntimeSettings(BaseSettings):
     #: the manager's REST URL for the embedded registry; empty: do not register there
     manager_url: str = "http://127.0.0.1:8080"
     cache_dir: str = ".sluice/cache"
+    #: bearer token for the manager's API (secure mode): registration, recorded digests
+    #: (a ``runtime:<name>`` token)
+    token: str = ""
+    #: a file holding that token (read at start when ``token`` is empty; compose mounts one)
+    token_file: str = ""
+    #: refuse to load a model whose digests no manager recorded (a runtime with no
+    #: manager_url); off: such a load is checked against the repository's listing, with a warning
+    require_digests: bool = False
+    #: how long a load keeps asking an unreachable (or starting) manager for recorded digests
+    manager_wait_s: float = Field(60.0, ge=0)
     max_message_bytes: int = Field(64 << 20, gt=0)
     #: Prometheus /metrics over HTTP on this port; 0: off
     metrics_port: int = 0
+
+    @model_validator(mode="after")
+    def _token_from_file(self) -> "RuntimeSettings":
+        if not self.token and self.token_file:
+            from pathlib import Path
+
+            try:
+                self.token = Path(self.token_file).read_text().strip()
+            except OSError as exc:  # the manager's calls will say 401: say why here
+                import logging
+
+                logging.getLogger(__name__).error("SLUICE_RUNTIME_TOKEN_FILE %s: %s; no token", self.token_file, exc)
+        return self
 
     def model_refs(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]

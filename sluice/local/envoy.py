@@ -44,6 +44,10 @@ class Sidecar:
     admin_port: int
     xds_host: str
     xds_port: int
+    #: this node's xDS token (``manager.xds.auth``) and the mesh CA's certificate file,
+    #: which the manager's xDS server certificate is checked against
+    xds_token: str
+    xds_ca_file: str
     protocol: str = "http"
     egress_port: int = 0
     grpc_port: int = 0
@@ -65,6 +69,8 @@ class Sidecar:
             XDS_HOST=self.xds_host,
             XDS_PORT=self.xds_port,
             XDS_API=self.xds_api,
+            XDS_CA_FILE=self.xds_ca_file,
+            XDS_TOKEN=self.xds_token,
         )
 
     def command(self, bootstrap_path: Path, log_level: str = "warning") -> list[str]:

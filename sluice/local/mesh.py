@@ -5,6 +5,18 @@ Order: manager (it is the xDS server every sidecar needs), repository, runtimes,
 gateway; each service with its own Envoy sidecar, each step ready-checked before
 the next. The sidecar owns the public port; the process listens on a local one.
 Every process is stopped by its PID, in reverse order, also when start-up fails.
+
+Trust: the mesh CA and the xDS join secret live in the workdir (the manager's data
+directory), made here before the manager starts (the manager reuses them). Each
+sidecar's bootstrap carries the token minted for its node id, role and service and
+the CA file that the manager's xDS certificate is checked against; the gateway gets
+its token in a file of mode 0600. Sidecar-to-sidecar mTLS is always on.
+
+API tokens (``secure=True``, ``sluice up --secure``): the manager runs with
+``SLUICE_MANAGER_AUTH=true`` and writes an admin token to ``<workdir>/admin.token``
+(mode 0600); this launcher reads it, mints a ``runtime:<name>`` token per runtime
+through the API and hands it over as ``SLUICE_RUNTIME_TOKEN``. In dev mode (the
+default) there are no tokens and the public listeners stay on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -15,6 +27,9 @@ from pathlib import Path
 
 import httpx
 
+from manager.ca import CA_CERT, CertificateAuthority, Issued, dns_name
+from manager.xds.auth import NodeAuth
+from sluice.client import ADMIN_TOKEN_FILE, sluice_home
 from sluice.local import zipkin
 from sluice.local.envoy import Sidecar
 from sluice.local.procs import Proc, StartError, Supervisor, free_port, grpc_serving, http_ok, wait_until
@@ -59,12 +74,48 @@ class LocalMesh:
     timeout_s: float = 60.0
     #: run the real Zipkin server on this port and trace everything; None: tracing off
     zipkin_port: int | None = None
+    #: secure mode: API tokens required on the manager's REST API and the gateway
+    secure: bool = False
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
         self.supervisor = Supervisor(self.workdir / "logs")
         self.procs: dict[str, Proc] = {}
         self.runtimes = [self._with_ports(r) for r in self.runtimes]
+        self._runtime_tokens: dict[str, str] = {}
+
+    # --- tokens (secure mode)
+    @property
+    def admin_token_path(self) -> Path:
+        return self.workdir / ADMIN_TOKEN_FILE
+
+    @property
+    def admin_token(self) -> str:
+        """The admin token the manager wrote (secure mode); "" in dev mode."""
+        if not self.secure:
+            return ""
+        return self.admin_token_path.read_text().strip()
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """``Authorization`` for admin calls (empty in dev mode)."""
+        return {"authorization": f"Bearer {self.admin_token}"} if self.secure else {}
+
+    def mint_token(self, scopes: list[str], ttl_s: float = 30 * 86400.0) -> dict:
+        """A new token through the manager's API, with the admin token: ``{"token", "id", ...}``."""
+        response = httpx.post(f"{self.manager_url}/api/v1/tokens", json={"scopes": scopes, "ttl_s": ttl_s},
+                              headers=self.admin_headers, timeout=10)
+        if response.status_code != 201:
+            raise StartError(f"the manager did not issue a token for {scopes}: {response.status_code} {response.text[:300]}")
+        return response.json()
+
+    def runtime_token(self, name: str) -> str:
+        """Runtime ``name``'s ``runtime:<name>`` token (minted once per mesh); "" in dev mode."""
+        if not self.secure:
+            return ""
+        if name not in self._runtime_tokens:
+            self._runtime_tokens[name] = self.mint_token([f"runtime:{name}"])["token"]
+        return self._runtime_tokens[name]
 
     # --- addresses
     @property
@@ -89,9 +140,39 @@ class LocalMesh:
     def admin_url(self, node_id: str) -> str:
         return f"http://127.0.0.1:{self._admin_ports[node_id]}"
 
+    # --- trust
+    @property
+    def ca_file(self) -> Path:
+        return self.workdir / CA_CERT
+
+    def _trust(self) -> tuple[CertificateAuthority, NodeAuth]:
+        if not hasattr(self, "_ca"):
+            self._ca = CertificateAuthority.load_or_create(self.workdir)
+            self._auth = NodeAuth.load_or_create(self.workdir)
+        return self._ca, self._auth
+
+    def node_token(self, node_id: str, role: str, service: str) -> str:
+        """The xDS token of a node (what its sidecar's bootstrap carries)."""
+        return self._trust()[1].mint(node_id, role, service)
+
+    def certificate(self, role: str, name: str = "", ttl_s: float = 3600.0) -> Issued:
+        """A certificate from this mesh's CA, e.g. to call a runtime's sidecar as the
+        manager does (tests, tools)."""
+        return self._trust()[0].issue_for(role, name or role, ttl_s)
+
+    def runtime_grpc_credentials(self, runtime: str, role: str = "manager"):
+        """(channel credentials, channel options) to call runtime ``runtime`` through its
+        sidecar with a ``role`` certificate (the sidecar takes the manager's and the gateway's)."""
+        import grpc
+
+        issued = self.certificate(role)
+        credentials = grpc.ssl_channel_credentials(issued.ca_pem, issued.key_pem, issued.cert_pem)
+        return credentials, [("grpc.ssl_target_name_override", dns_name("runtime", runtime))]
+
     # --- lifecycle
     def start(self) -> "LocalMesh":
         self._admin_ports: dict[str, int] = {}
+        self._trust()
         try:
             if self.zipkin_port:
                 self.start_zipkin()
@@ -156,6 +237,7 @@ class LocalMesh:
             "SLUICE_RUNTIME_MANAGER_URL": self.manager_url,
             "SLUICE_RUNTIME_CACHE_DIR": str(self.workdir / "cache" / spec.name),
             "SLUICE_RUNTIME_METRICS_PORT": str(spec.metrics_port),
+            **({"SLUICE_RUNTIME_TOKEN": self.runtime_token(spec.name)} if self.secure else {}),
             **dict(spec.env),
         }
         key = f"runtime-{spec.name}"
@@ -198,8 +280,11 @@ class LocalMesh:
             "SLUICE_MANAGER_PORT": str(self.ports.manager_local),
             "SLUICE_MANAGER_XDS_PORT": str(self.ports.xds),
             "SLUICE_MANAGER_DB_PATH": str(self.workdir / "manager.db"),
+            "SLUICE_MANAGER_DATA_DIR": str(self.workdir),  # the CA and join secret made here
             "SLUICE_MANAGER_REPOSITORY_URL": self.repository_url,
             "SLUICE_MANAGER_GATEWAY_URL": self.gateway_url,
+            "SLUICE_MANAGER_AUTH": "true" if self.secure else "false",
+            **({"SLUICE_MANAGER_ADMIN_TOKEN_PATH": str(self.admin_token_path)} if self.secure else {}),
         }
 
     def _python(self, key: str, module: str, env: dict[str, str]) -> Proc:
@@ -213,7 +298,8 @@ class LocalMesh:
         self._admin_ports[node_id] = admin
         sidecar = Sidecar(
             node_id=node_id, service=service, role=role, ingress_port=ingress, service_port=local,
-            admin_port=admin, xds_host="127.0.0.1", xds_port=self.ports.xds, **extra,
+            admin_port=admin, xds_host="127.0.0.1", xds_port=self.ports.xds,
+            xds_token=self.node_token(node_id, role, service), xds_ca_file=str(self.ca_file), **extra,
         )
         path = self.workdir / "envoy" / f"{node_id}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +317,14 @@ class LocalMesh:
 
     def _start_gateway(self) -> None:
         p = self.ports
+        token_file = self.workdir / "gateway.xds-token"
+        token_file.touch(mode=0o600)
+        os.chmod(token_file, 0o600)
+        token_file.write_text(self.node_token("gateway", "gateway", "gateway"))
         proc = self._python("gateway", "gateway", {
+            "SLUICE_GATEWAY_NODE_ID": "gateway",
+            "SLUICE_GATEWAY_XDS_TOKEN_FILE": str(token_file),
+            "SLUICE_GATEWAY_XDS_CA_FILE": str(self.ca_file),
             "SLUICE_GATEWAY_PORT": str(p.gateway_local),
             "SLUICE_GATEWAY_GRPC_PORT": str(p.gateway_grpc),
             "SLUICE_GATEWAY_EGRESS": f"127.0.0.1:{p.egress}",
@@ -243,7 +336,7 @@ class LocalMesh:
 
     def _registered(self, runtime: str):
         def check() -> bool:
-            response = httpx.get(f"{self.manager_url}/api/v1/runtimes/{runtime}", timeout=1)
+            response = httpx.get(f"{self.manager_url}/api/v1/runtimes/{runtime}", timeout=1, headers=self.admin_headers)
             return response.status_code == 200 and bool(response.json()["instances"])
 
         return check
@@ -262,4 +355,4 @@ def default_runtimes() -> list[RuntimeSpec]:
 
 
 def workdir_default() -> Path:
-    return Path(os.environ.get("SLUICE_HOME", ROOT / ".sluice"))
+    return sluice_home()

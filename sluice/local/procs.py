@@ -10,6 +10,7 @@ fast with the tail of its log.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,8 +27,24 @@ class StartError(RuntimeError):
     pass
 
 
+#: where free ports are picked: below Linux's ephemeral range (32768-60999 by default),
+#: which outgoing connections take their source ports from, so a port picked here is not
+#: taken by some connection in the time between picking it and a process binding it
+PORT_RANGE = (20000, 32000)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port nothing listens on now, at random in ``PORT_RANGE`` (so that parallel runs
+    rarely pick the same one), checked by binding it."""
+    for _ in range(200):
+        port = random.randrange(*PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: let the kernel choose
         s.bind((host, 0))
         return s.getsockname()[1]
 

@@ -71,8 +71,10 @@ def test_routes_and_clusters_come_from_ads(iris, mesh):
 
 def test_tritonclient_calls_the_runtime_directly(mesh, iris):
     runtime = mesh.runtime("scikit")
-    for port in (runtime.local_port, runtime.public_port):  # the process, then through its sidecar
-        client = triton.InferenceServerClient(f"127.0.0.1:{port}")
+    # the process, then through its sidecar: mTLS, as the manager calls it (mesh CA, manager's identity)
+    credentials, options = mesh.runtime_grpc_credentials("scikit", role="manager")
+    for port, tls in ((runtime.local_port, {}), (runtime.public_port, {"creds": credentials, "channel_args": options})):
+        client = triton.InferenceServerClient(f"127.0.0.1:{port}", **tls)
         assert client.is_server_live() and client.is_model_ready("iris_scaler")
         metadata = client.get_model_metadata("iris_scaler", as_json=True)
         assert [i["name"] for i in metadata["inputs"]] == FEATURES

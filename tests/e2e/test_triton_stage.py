@@ -132,11 +132,14 @@ async def test_concurrent_one_row_requests_each_get_their_own_row(mesh, scaled):
 
 def test_register_helper_announces_an_outside_server_and_withdraws_it(mesh, manager, gateway, tmp_path):
     """The helper registers an OIP server it did not start (here the triton runtime's
-    sidecar, standing in for a real Triton) under a second name, heartbeats, and
-    deregisters on SIGTERM."""
-    address = f"127.0.0.1:{mesh.runtime('triton').public_port}"
+    process, standing in for a real Triton) under a second name, heartbeats, and
+    deregisters on SIGTERM. As in compose, the server has its own sidecar for that name
+    (a runtime's name is its sidecar's mTLS identity) and is discovered on its own port."""
+    public_port = mesh.front_runtime("triton-ext", mesh.runtime("triton").local_port)
+    address = f"127.0.0.1:{public_port}"
     supervisor = Supervisor(tmp_path)
     argv = [sys.executable, "-m", "runtimes.triton.register", "--address", address,
+            "--discover", f"127.0.0.1:{mesh.runtime('triton').local_port}",
             "--name", "triton-ext", "--models", "mlp", "--manager", mesh.manager_url]
     helper = supervisor.start("register", argv, cwd=ROOT)
     try:
@@ -148,7 +151,7 @@ def test_register_helper_announces_an_outside_server_and_withdraws_it(mesh, mana
         registered_at = time.monotonic()
         runtime = manager.get("/api/v1/runtimes/triton-ext").json()
         assert runtime["kind"] == "triton" and [m["name"] for m in runtime["models"]] == ["mlp"]
-        assert runtime["instances"][0]["port"] == mesh.runtime("triton").public_port
+        assert runtime["instances"][0]["port"] == public_port
         assert manager.post("/api/v1/pipelines", json={"name": "ext", "chain": ["triton-ext/mlp"]}).status_code == 201
         X = load_iris().data[:10].astype(np.float32)
         response = gateway.post("/serve/ext", json=[{"input": row.tolist()} for row in X])

@@ -195,7 +195,8 @@ def test_tensor_codecs_read_mlservers_answers(mesh, raw):
         request.raw_input_contents.append(to_raw(X, "FP64")[1])
     else:
         tensor.contents.fp64_contents.extend(X.reshape(-1).tolist())
-    with grpc.insecure_channel(f"127.0.0.1:{mesh.mlserver['public_port']}") as channel:  # through its sidecar
+    credentials, options = mesh.runtime_grpc_credentials("mlserver")  # through its sidecar: mTLS, as the manager
+    with grpc.secure_channel(f"127.0.0.1:{mesh.mlserver['public_port']}", credentials, options=options) as channel:
         response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
     assert bool(response.raw_output_contents) is raw
     expected = mesh.mlserver["smoother"].predict(X)

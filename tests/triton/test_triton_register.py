@@ -49,8 +49,8 @@ async def test_registers_where_every_runtime_does(monkeypatch):
     monkeypatch.delenv("SLUICE_CONSUL_ADDR", raising=False)
     embedded = registration("http://manager:8080", "triton", "triton", "triton", 9000, ["mlp"])
     assert isinstance(embedded, Registration)
-    assert embedded.body == {"name": "triton", "kind": "triton", "host": "triton", "port": 9000, "models": ["mlp"],
-                             "instance_id": "triton-triton-9000"}
+    # the manager gives the instance its id: the body names none
+    assert embedded.body == {"name": "triton", "kind": "triton", "host": "triton", "port": 9000, "models": ["mlp"]}
     await embedded.client.aclose()
     monkeypatch.setenv("SLUICE_CONSUL_ADDR", "consul:8500")
     consul = registration("http://manager:8080", "triton", "triton", "triton", 9000, ["mlp"])

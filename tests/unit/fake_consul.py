@@ -16,7 +16,8 @@ wire. It follows Consul's documented behaviour:
 Test controls: ``fail(path, n)`` (answer the next n requests for path with 500),
 ``rewind`` (the index goes backwards, as after a snapshot restore, which in Consul also
 wakes every blocking query), ``touch`` (a write that changes nothing we read), and
-``requests`` (every request seen, with its time, query and status).
+``requests`` (every request seen, with its time, query, status and ACL token);
+``acl_token`` turns ACLs on (default deny: a request without that token is a 403).
 """
 
 from __future__ import annotations
@@ -108,11 +109,14 @@ class Seen:
     path: str
     query: dict[str, str]
     status: int = 0
+    token: str | None = None  # the X-Consul-Token it carried
 
 
 class FakeConsul:
-    def __init__(self, index: int = 10) -> None:
+    def __init__(self, index: int = 10, acl_token: str | None = None) -> None:
+        """``acl_token``: ACLs on, default deny: every request must carry this token (else 403)."""
         self.index = index
+        self.acl_token = acl_token
         self.entries: dict[str, dict] = {}  # service id -> health entry
         self.registered: dict[str, dict] = {}  # service id -> register payload (keys lower-cased)
         self.requests: list[Seen] = []
@@ -198,8 +202,11 @@ class FakeConsul:
     # --- HTTP
     @web.middleware
     async def _record(self, request: web.Request, handler):
-        seen = Seen(time.monotonic(), request.method, request.path, dict(request.query))
+        seen = Seen(time.monotonic(), request.method, request.path, dict(request.query), token=request.headers.get("X-Consul-Token"))
         self.requests.append(seen)
+        if self.acl_token is not None and seen.token != self.acl_token:
+            seen.status = 403
+            return web.Response(status=403, text="ACL not found" if seen.token else "Permission denied")
         if self._failures.get(request.path, 0) > 0:
             self._failures[request.path] -= 1
             seen.status = 500

@@ -6,7 +6,8 @@ ports are DESIGN.md's (the same defaults the local mesh uses) and each sidecar f
 the port its service listens on; every image is built by ``./build.sh images`` or
 pulled from a named, pinned upstream; every ``SLUICE_*`` variable is a real setting of
 the service it configures and every address in one names the service that listens
-there; Triton reserves a GPU and serves ./models/triton.
+there; Triton reserves a GPU and serves ./models/triton; mesh-init writes each
+sidecar's xDS token and CA file, and each sidecar (and the gateway) mounts only its own.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from gateway.settings import GatewaySettings
+from manager.ca import CertificateAuthority, main as ca_main
 from manager.settings import ManagerSettings
+from manager.xds.auth import NodeAuth, NodeClaims
 from repository.settings import RepositorySettings
 from runtimes.sdk.settings import RuntimeSettings
 from runtimes.triton.register import parse_args
@@ -240,13 +243,67 @@ def test_sidecar_variables_cover_the_bootstrap_template():
         assert required <= sidecar(app).keys(), app
 
 
+def mesh_init_nodes() -> dict[str, tuple[str, str]]:
+    """node id -> (role, service), as mesh-init bootstraps them."""
+    argv = SERVICES["mesh-init"]["command"]
+    assert argv[:5] == ["python", "-m", "manager.ca", "bootstrap", "--data"]
+    nodes = [a for a in argv[5:] if a.count(":") == 2]
+    return {n.split(":")[0]: (n.split(":")[1], n.split(":")[2]) for n in nodes}
+
+
+def bootstrap_mount(service: str) -> dict:
+    (mount,) = [v for v in SERVICES[service].get("volumes", []) if isinstance(v, dict) and v.get("source") == "mesh-bootstrap"]
+    return mount
+
+
+def test_mesh_init_bootstraps_every_sidecar_and_each_mounts_only_its_own_folder():
+    init = SERVICES["mesh-init"]
+    argv = init["command"]
+    data, out = argv[argv.index("--data") + 1], argv[argv.index("--out") + 1]
+    assert f"manager-data:{data}" in init["volumes"] and f"mesh-bootstrap:{out}" in init["volumes"]
+    # the CA and join secret live where the manager keeps its data (its DB's folder)
+    manager_mounts = {m.split(":")[1]: m.split(":")[0] for m in SERVICES["manager"]["volumes"]}
+    assert manager_mounts[data] == "manager-data" and Path(env("manager")["SLUICE_MANAGER_DB_PATH"]).parent == Path(data)
+    assert init["restart"] == "no"
+    nodes = mesh_init_nodes()
+    assert nodes == {sidecar(app)["NODE_ID"]: (sidecar(app)["ROLE"], sidecar(app)["SERVICE"]) for app in APPS}
+    for app in APPS:
+        mount = bootstrap_mount(f"{app}-sidecar")
+        assert mount["read_only"] and mount["volume"]["subpath"] == sidecar(app)["NODE_ID"], app
+        assert sidecar(app)["XDS_CA_FILE"] == f"{mount['target']}/ca.crt" and sidecar(app)["XDS_TOKEN_FILE"] == f"{mount['target']}/token"
+        assert SERVICES[f"{app}-sidecar"]["depends_on"]["mesh-init"] == {"condition": "service_completed_successfully"}, app
+    gateway = bootstrap_mount("gateway")
+    assert gateway["read_only"] and gateway["volume"]["subpath"] == env("gateway")["SLUICE_GATEWAY_NODE_ID"]
+    assert env("gateway")["SLUICE_GATEWAY_XDS_TOKEN_FILE"] == f"{gateway['target']}/token"
+    assert env("gateway")["SLUICE_GATEWAY_XDS_CA_FILE"] == f"{gateway['target']}/ca.crt"
+    assert SERVICES["manager"]["depends_on"]["mesh-init"] == {"condition": "service_completed_successfully"}
+    assert "mesh-bootstrap" in COMPOSE["volumes"]
+    # the image lets mesh-init (user sluice) write there
+    assert re.search(r"mkdir -p [^&]*/bootstrap[^&]*&& chown sluice [^&]*/bootstrap", (ROOT / "Dockerfile").read_text())
+
+
+@pytest.fixture(scope="module")
+def bootstrap_files(tmp_path_factory) -> Path:
+    """What mesh-init writes, made by its own command into a temporary folder."""
+    base = tmp_path_factory.mktemp("mesh-init")
+    argv = list(SERVICES["mesh-init"]["command"][3:])  # after "python -m manager.ca"
+    argv[argv.index("--data") + 1] = str(base / "data")
+    argv[argv.index("--out") + 1] = str(base / "bootstrap")
+    ca_main(argv)
+    return base
+
+
 @pytest.mark.skipif(shutil.which("envsubst") is None, reason="envsubst (gettext-base) is not installed here")
 @pytest.mark.parametrize("app", APPS)
-def test_envoy_accepts_each_sidecars_bootstrap(app, tmp_path):
-    """envoy/entrypoint.sh with the sidecar's compose environment, and the real Envoy in validate mode."""
+def test_envoy_accepts_each_sidecars_bootstrap(app, tmp_path, bootstrap_files):
+    """envoy/entrypoint.sh with the sidecar's compose environment (its token and CA files
+    from where mesh-init's command writes them), and the real Envoy in validate mode."""
+    folder = bootstrap_files / "bootstrap" / sidecar(app)["NODE_ID"]
     variables = {
         **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")},
         **sidecar(app),
+        "XDS_CA_FILE": str(folder / "ca.crt"),
+        "XDS_TOKEN_FILE": str(folder / "token"),
         "ENVOY_TEMPLATE": str(ROOT / "envoy" / "bootstrap.yaml"),
         "ENVOY_CONFIG": str(tmp_path / "envoy.yaml"),
     }
@@ -259,3 +316,13 @@ def test_envoy_accepts_each_sidecars_bootstrap(app, tmp_path):
     assert bootstrap["node"]["id"] == sidecar(app)["NODE_ID"]
     assert metadata["sluice.ingress_port"] == int(sidecar(app)["INGRESS_PORT"])
     assert metadata["sluice.service_port"] == int(sidecar(app)["SERVICE_PORT"])
+    # the xDS channel: TLS checked against the mesh CA, and this node's own token
+    (grpc_service,) = bootstrap["dynamic_resources"]["ads_config"]["grpc_services"]
+    (token,) = [m["value"] for m in grpc_service["initial_metadata"] if m["key"] == "x-sluice-xds-token"]
+    claims = NodeAuth.load_or_create(bootstrap_files / "data").verify(token)
+    assert claims == NodeClaims(sidecar(app)["NODE_ID"], sidecar(app)["ROLE"], sidecar(app)["SERVICE"])
+    (xds,) = bootstrap["static_resources"]["clusters"]
+    tls = xds["transport_socket"]["typed_config"]["common_tls_context"]["validation_context"]
+    assert tls["trusted_ca"]["filename"] == str(folder / "ca.crt")
+    assert (folder / "ca.crt").read_bytes() == CertificateAuthority.load(bootstrap_files / "data").cert_pem
+    assert tls["match_typed_subject_alt_names"] == [{"san_type": "URI", "matcher": {"exact": "spiffe://sluice/manager"}}]

@@ -26,6 +26,8 @@ from manager.control import ControlPlane
 from manager.registry.base import Endpoint
 from manager.registry.consul import ConsulRegistry, Instance, instances, next_index
 from manager.settings import ManagerSettings
+from manager import tls
+from manager.ca import CertificateAuthority
 from manager.store import Store
 from sluice.wire import runtime_cluster
 from runtimes.sdk.app import _registration
@@ -337,9 +339,14 @@ class Echo(Model):
 
 async def test_manager_learns_signatures_of_a_discovered_runtime(fake: FakeConsul, tmp_path) -> None:
     model = Echo(ModelArtifact("echo", "1", tmp_path), [TensorSpec("x", "FP32", (-1, 4))], [TensorSpec("y", "FP32", (-1, 4))])
+    # the manager dials runtimes over mTLS as spiffe://sluice/manager: serve the runtime as
+    # its sidecar would, with a certificate from the same mesh CA
+    ca = CertificateAuthority.ephemeral()
+    tls.install(tls.ManagerTls(ca))
+    issued = ca.issue_for("runtime", "echoes")
     server = grpc.aio.server()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService("echoes", "python", {"echo": model}), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(issued.key_pem, issued.cert_pem)], issued.ca_pem, True))
     await server.start()
     await fake.add("echoes-1", "echoes", "127.0.0.1", port, kind="python", models="echo")
     store = Store(":memory:")

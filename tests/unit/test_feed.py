@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -398,3 +399,57 @@ async def test_gateway_reconnects_after_a_failure_inside_apply(caplog) -> None:
         assert feed.gateways == 1
         [failure] = [r for r in caplog.records if r.exc_info and "injected failure" in str(r.exc_info[1])]
         assert failure.levelno == logging.ERROR and "reconnecting" in failure.getMessage()
+
+
+async def test_a_silent_stream_costs_one_receipt_timeout_while_a_draining_gateway_is_waited_for() -> None:
+    """Two deadlines: a stream that does not even say it received what it was sent is waited
+    for once (the receipt timeout) and then not at all until it catches up; a gateway that
+    received a change and is draining requests on a revision it dropped is waited for past
+    the receipt timeout, up to the drain timeout."""
+    def slow(revision: int) -> PipelinePlan:  # stages of 5 s: its requests may drain that long
+        return dataclasses.replace(plan("slow", revision), stages=tuple(dataclasses.replace(s, timeout_ms=5000) for s in plan("slow", revision).stages))
+
+    async with mesh(PipelineFeed([*plans(10), slow(1)])) as (manager, table):
+        feed = manager.feed
+
+        async def silent():
+            yield pipeline_pb2.WatchRequest(node_id="silent")  # then nothing, ever
+            await asyncio.Event().wait()
+
+        received: list[pipeline_pb2.PipelineSet] = []
+        async with grpc.aio.insecure_channel(manager.address) as channel:
+            call = pipeline_pb2_grpc.PipelineDiscoveryStub(channel).Watch(silent())
+
+            async def read():
+                async for message in call:
+                    received.append(message)
+
+            reader = asyncio.create_task(read())
+            await until(lambda: feed.gateways == 2 and len(received) == 1)
+
+            first = await feed.publish([plan("n1")])
+            started = time.monotonic()
+            assert not await feed.wait_acked(first, 0.3, 5)  # the silent one never acknowledged
+            assert 0.25 <= time.monotonic() - started < 2
+            assert table.version == str(first)  # the real gateway is served and acknowledged
+
+            second = await feed.publish([plan("n2")])
+            await until(lambda: table.version == str(second))
+            started = time.monotonic()
+            await feed.wait_acked(second, 0.3, 5)
+            assert time.monotonic() - started < 0.25  # no longer waited for
+
+            running = table.get("slow")
+            table.enter(running)
+            third = await feed.publish([slow(2)])
+            waiter = asyncio.create_task(feed.wait_acked(third, 0.2, 5))
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiter), 0.6)  # past the receipt timeout: still waiting
+            table.leave(running)
+            await asyncio.wait_for(waiter, 2)  # done as soon as the gateway drained
+            assert table.version == str(third)
+
+            call.cancel()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader

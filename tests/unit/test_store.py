@@ -198,8 +198,7 @@ def test_memory_store_is_empty_and_separate() -> None:
 
 def test_a_new_file_is_at_the_current_schema_version(db: Path) -> None:
     Store(db).close()
-    assert SCHEMA_VERSION == 1
-    assert user_version(db) == 1
+    assert user_version(db) == SCHEMA_VERSION
 
 
 # --- runtimes, instances, loaded models ----------------------------------------------------
@@ -300,7 +299,7 @@ def test_version_0_database_is_migrated_to_plans(db: Path) -> None:
         ],
     )
     store = Store(db)
-    assert user_version(db) == 1
+    assert user_version(db) == SCHEMA_VERSION
     rows = {p.name: p for p in store.pipelines()}
     assert list(rows) == ["endpointML", "other"]
     endpoint = rows["endpointML"]
@@ -317,7 +316,7 @@ def test_version_0_database_is_migrated_to_plans(db: Path) -> None:
     # reopened: already at version 1, nothing migrated twice, same plans
     reopened = Store(db)
     assert {p.name: p for p in reopened.pipelines()} == rows
-    assert user_version(db) == 1
+    assert user_version(db) == SCHEMA_VERSION
     with sqlite3.connect(db) as raw:
         columns = [r[1] for r in raw.execute("PRAGMA table_info(pipelines)")]
     assert "stages" not in columns and "plan" in columns
@@ -337,7 +336,7 @@ def test_an_empty_version_0_database_is_migrated(db: Path) -> None:
     assert store.pipelines() == []
     store.put_pipeline(definition(), make_plan())
     assert store.pipeline("endpointML").plan == make_plan()
-    assert user_version(db) == 1
+    assert user_version(db) == SCHEMA_VERSION
 
 
 def test_a_failed_migration_leaves_the_version_0_data_in_place(db: Path) -> None:

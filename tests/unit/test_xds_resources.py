@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import time
 
 import pytest
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
@@ -35,6 +36,7 @@ from google.rpc import status_pb2
 
 import manager.xds.layers as layers_module
 from manager.xds.ads import DeltaStream
+from manager.xds.auth import NodeClaims
 from manager.xds.layers import MeshLayers
 from manager.xds.resources import (
     CLUSTER,
@@ -268,11 +270,13 @@ def test_runtime_cluster_is_eds_over_ads_with_http2_breakers_and_outlier_detecti
     assert not cluster.HasField("load_assignment")  # endpoints come through EDS
 
 
-def test_endpoint_assignment_resolves_host_names() -> None:
-    assignment = endpoints_resource("scikit", (("10.0.0.5", 9001), ("localhost", 9002)))
+def test_endpoint_assignment_takes_addresses_resolved_at_registration_only() -> None:
+    # host names are resolved when an instance registers (manager.auth.networks), never
+    # while building snapshots: a name that reaches this point is left out, not looked up
+    assignment = endpoints_resource("scikit", (("10.0.0.5", 9001), ("localhost", 9002), ("::1", 9003)))
     assert assignment.cluster_name == "runtime_scikit"
     (group,) = assignment.endpoints
-    assert [_socket(e.endpoint.address) for e in group.lb_endpoints] == [("10.0.0.5", 9001), ("127.0.0.1", 9002)]
+    assert [_socket(e.endpoint.address) for e in group.lb_endpoints] == [("10.0.0.5", 9001), ("::1", 9003)]
 
 
 def test_endpoint_assignment_without_endpoints_is_empty() -> None:
@@ -836,7 +840,8 @@ class DeltaClient:
     def __init__(self, mesh: Mesh) -> None:
         self.callbacks = Recorder(mesh)
         self.context = FakeContext()
-        self.stream = DeltaStream(mesh.cache, self.callbacks, self.context)
+        # the stream's token names the gateway node the tests announce (manager.xds.auth)
+        self.stream = DeltaStream(mesh.cache, self.callbacks, self.context, NodeClaims("gw", "gateway", "gateway"))
         self.context.stream = self.stream
         self.requests: asyncio.Queue = asyncio.Queue()
         self.task = asyncio.create_task(self.stream.run(self._requests()))
@@ -1037,3 +1042,27 @@ async def test_delta_answers_a_name_that_does_not_exist_as_removed(mesh: Mesh) -
     assert _names(response) == ["runtime_scikit"]
     assert list(response.removed_resources) == ["runtime_nowhere"]
     await client.close()
+
+
+async def test_a_node_that_misses_the_deadline_costs_one_timeout_then_is_waited_for_again_once_caught_up() -> None:
+    mesh = Mesh()
+    mesh.tracker.on_node(GATEWAY)
+    mesh.ack_all(GATEWAY.id)
+    stuck = dataclasses.replace(GATEWAY, id="gateway-stuck")
+    mesh.tracker.on_node(stuck)  # connected, never acknowledges anything
+    assert await mesh.tracker.wait_converged("gateway", PUSH_ORDER, timeout=0.2) is False
+    assert mesh.tracker.nodes()[stuck.id].lagging and not mesh.tracker.nodes()[GATEWAY.id].lagging
+
+    mesh.layers.set_pipelines({"p": [plan("p")]})
+    mesh.push()
+    mesh.ack_all(GATEWAY.id)
+    started = time.monotonic()
+    assert await mesh.tracker.wait_converged("gateway", PUSH_ORDER, timeout=5) is True  # not waited for
+    assert time.monotonic() - started < 0.5
+
+    mesh.ack_all(stuck.id)  # it caught up: waited for again at the next change
+    assert not mesh.tracker.nodes()[stuck.id].lagging
+    mesh.layers.set_pipelines({"q": [plan("q")]})
+    mesh.push()
+    mesh.ack_all(GATEWAY.id)
+    assert not mesh.tracker.converged("gateway", PUSH_ORDER)
