@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from runtimes.sdk.model import ModelArtifact  # noqa: E402
 from runtimes.scikit.model import SklearnModel  # noqa: E402
+from sluice.wire import PIPELINE_HEADER, ROUTE_HEADER, route_key  # noqa: E402
 from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
 from sluice.tensors import to_raw  # noqa: E402
 
@@ -114,7 +115,8 @@ async def run(requests: int) -> None:
                 "gateway": grpc.aio.insecure_channel(f"127.0.0.1:{mesh.ports.gateway}"),
             }
             stubs = {k: pb_grpc.GRPCInferenceServiceStub(c) for k, c in channels.items()}
-            routes = tuple((("x-sluice-route", f"iris.r1.s{i}"),) for i in range(2))
+            # the egress's scoped routes are keyed on the pipeline header, then matched on the route key
+            routes = tuple(((PIPELINE_HEADER, "iris"), (ROUTE_HEADER, route_key("iris", 1, i))) for i in range(2))
             pipeline_request = stage0_request()
             pipeline_request.model_name = "iris"
 
