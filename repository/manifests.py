@@ -25,7 +25,7 @@ from typing import Any
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from repository.paths import BadPath, relative_parts
+from sluice.paths import UnsafePath, relative_parts
 
 #: the Open Inference Protocol's tensor datatypes
 OIP_DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
@@ -61,7 +61,7 @@ def check_sluice_manifest(raw: bytes, present: Callable[[str], bool]) -> dict[st
             raise ManifestError(f"model.json: 'artifact' must be a string path, not {_json_type(artifact)}")
         try:
             parts = relative_parts(artifact)
-        except BadPath as exc:
+        except UnsafePath as exc:
             raise ManifestError(f"model.json: artifact {artifact!r} {exc.reason}") from None
         if not present("/".join(parts)):
             raise ManifestError(f"model.json: artifact {artifact!r} is not among the uploaded files")

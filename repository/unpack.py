@@ -40,7 +40,7 @@ except ImportError:  # python-multipart < 0.0.13 names its package "multipart"
     from multipart.exceptions import FormParserError, MultipartParseError  # type: ignore[no-redef]
     from multipart.multipart import MultipartParser, parse_options_header  # type: ignore[no-redef]
 
-from repository.paths import BadPath, relative_parts
+from sluice.paths import UnsafePath, relative_parts
 from repository.staging import storage_error
 from sluice.errors import ApiError
 
@@ -93,7 +93,7 @@ class _Writer:
     def _member(self, name: str, *, allow_empty: bool = False) -> tuple[str, ...]:
         try:
             parts = relative_parts(name, allow_empty=allow_empty)
-        except BadPath as exc:
+        except UnsafePath as exc:
             raise bad_path(name, exc.reason) from None
         self.members += 1
         if self.members > self.max_files:

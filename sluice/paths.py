@@ -30,8 +30,11 @@ class UnsafePath(ValueError):
         self.reason = reason
 
 
-def relative_parts(path: str) -> tuple[str, ...]:
-    """The segments of a safe relative POSIX path; raises ``UnsafePath`` otherwise."""
+def relative_parts(path: str, *, allow_empty: bool = False) -> tuple[str, ...]:
+    """The segments of a safe relative POSIX path; raises ``UnsafePath`` otherwise.
+
+    ``allow_empty``: a path that names the directory itself (``.``, ``./``) gives ``()``
+    instead of being refused (a tar's top directory entry)."""
     if not isinstance(path, str):
         raise UnsafePath(repr(path), "is not a string")
     if "\x00" in path:
@@ -42,12 +45,14 @@ def relative_parts(path: str) -> tuple[str, ...]:
         path.encode("utf-8")
     except UnicodeEncodeError:
         raise UnsafePath(path, "is not valid UTF-8") from None
+    if not path:
+        raise UnsafePath(path, "is an empty name")
     if path.startswith("/"):
         raise UnsafePath(path, "is an absolute path")
     parts = tuple(p for p in path.split("/") if p not in ("", "."))
     if ".." in parts:
         raise UnsafePath(path, "has a '..' segment")
-    if not parts:
+    if not parts and not allow_empty:
         raise UnsafePath(path, "is an empty name")
     for part in parts:
         if len(part.encode("utf-8")) > _MAX_SEGMENT_BYTES:
