@@ -98,6 +98,7 @@ class ControlPlane:
         self.xds = NodeTracker(self.cache, self._provide, self.layers.forget)
         self.feed = PipelineFeed([row.plan for row in self.served.values()])
         self._lock = asyncio.Lock()
+        self._rotation: asyncio.Task | None = None
         registry.on_change(self._endpoints_changed)
         registry.on_runtime(self._learn_discovered)
 
@@ -106,11 +107,10 @@ class ControlPlane:
         self._rotation = asyncio.create_task(self._rotate_certificates())
 
     async def stop(self) -> None:
-        rotation = getattr(self, "_rotation", None)
-        if rotation is not None:
-            rotation.cancel()
+        if self._rotation is not None:
+            self._rotation.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await rotation
+                await self._rotation
         await self.registry.stop()
 
     async def _rotate_certificates(self) -> None:
