@@ -10,10 +10,14 @@ token payload the sidecar forwards (``x-sluice-jwt-payload``).
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import APIRouter, Query, Request, Response, status
 
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from manager import tls
 from manager.auth.api import router as tokens_router
 from manager.auth.scopes import PAYLOAD_HEADER, Caller, caller_from_header
 from manager.control import ControlPlane
@@ -102,8 +106,10 @@ async def delete_pipeline(name: str, request: Request) -> Response:
 
 @router.get("/runtimes", response_model=list[RuntimeOut], tags=["runtimes"])
 async def list_runtimes(request: Request) -> list[RuntimeOut]:
+    """Every runtime with its instances; each instance's `healthy` is a live gRPC health
+    check of it (through its sidecar, bounded by a short timeout), made now."""
     control = _control(request)
-    return [_runtime_out(control, name) for name in sorted(control.runtimes)]
+    return list(await asyncio.gather(*(_runtime_out(control, name) for name in sorted(control.runtimes))))
 
 
 @router.get("/runtimes/{name}", response_model=RuntimeOut, tags=["runtimes"])
@@ -111,20 +117,36 @@ async def get_runtime(name: str, request: Request) -> RuntimeOut:
     control = _control(request)
     if name not in control.runtimes:
         raise ApiError(404, f"no runtime {name!r}", "not_found", runtime=name)
-    return _runtime_out(control, name)
+    return await _runtime_out(control, name)
 
 
-def _runtime_out(control: ControlPlane, name: str) -> RuntimeOut:
+#: how long a live health check of one instance may take before it counts as unhealthy
+HEALTH_CHECK_TIMEOUT_S = 1.0
+
+
+async def _instance_healthy(host: str, port: int, runtime: str) -> bool:
+    """A gRPC health check (``grpc.health.v1``) of the instance, through its sidecar with
+    the manager's certificate: SERVING within ``HEALTH_CHECK_TIMEOUT_S``."""
+    try:
+        async with tls.runtime_channel(host, port, runtime) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=HEALTH_CHECK_TIMEOUT_S)
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+    except Exception:  # unreachable, refused, timed out, no TLS set up: not healthy
+        return False
+
+
+async def _runtime_out(control: ControlPlane, name: str) -> RuntimeOut:
     runtime = control.runtimes[name]
     endpoints = control.registry.endpoints().get(name, [])
     seen = control.registry.last_seen()
+    healthy = await asyncio.gather(*(_instance_healthy(e.host, e.port, name) for e in endpoints))
     return RuntimeOut(
         name=name,
         kind=runtime.kind,
         models=[ModelOut(name=m, **sig) for m, sig in sorted(runtime.models.items())],
         instances=[
-            InstanceOut(id=e.instance_id, host=e.host, port=e.port, healthy=True, last_seen=seen.get(e.instance_id, time.time()))
-            for e in endpoints
+            InstanceOut(id=e.instance_id, host=e.host, port=e.port, healthy=ok, last_seen=seen.get(e.instance_id, time.time()))
+            for e, ok in zip(endpoints, healthy)
         ],
     )
 

@@ -183,7 +183,8 @@ class InstanceOut(BaseModel):
     id: str
     host: str
     port: int
-    healthy: bool
+    #: a live gRPC health check of the instance (through its sidecar), made when listed
+    healthy: bool = Field(description="SERVING on a gRPC health check made when this was listed")
     last_seen: float
 
 

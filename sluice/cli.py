@@ -20,6 +20,7 @@ from sluice.local import zipkin
 from sluice.client import Client, SluiceError, default_token
 from sluice.local.mesh import LocalMesh, MeshPorts, default_runtimes, workdir_default
 from sluice.metrics import histogram_quantiles
+from sluice.local.healer import Healer
 from sluice.local.procs import StartError
 
 app = typer.Typer(add_completion=False, help="Sluice: a pipeline-serving mesh for ML models.")
@@ -31,18 +32,20 @@ def up(
     workdir: Path = typer.Option(None, help="state, logs and Envoy bootstraps (default $SLUICE_HOME, else .sluice/)"),
     secure: bool = typer.Option(False, "--secure", help="tokens on the REST API and the gateway; writes an admin token to <workdir>/admin.token"),
 ) -> None:
-    """Start manager, repository, runtimes and gateway, each with its Envoy sidecar; Ctrl-C stops all."""
+    """Start manager, repository, runtimes and gateway, each with its Envoy sidecar; a process
+    that dies is restarted (with back-off); Ctrl-C (or SIGTERM) stops all."""
     tracing = zipkin.java() is not None and zipkin.jar_path() is not None
     mesh = LocalMesh(workdir or workdir_default(), default_runtimes(), MeshPorts(), zipkin_port=9411 if tracing else None, secure=secure)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: (stop.set(), mesh.abort()))  # also ends a ready-check in progress
     try:
         with console.status("starting the mesh..."):
             mesh.start()
     except StartError as exc:
         console.print(f"[red]start-up failed:[/red] {exc}")
         raise typer.Exit(1) from None
+    healer = Healer(mesh, report=lambda message: console.print(f"[yellow]{message}[/yellow]", highlight=False))
     try:
         _print_services(mesh)
         auth = ' -H "Authorization: Bearer $(cat ' + str(mesh.admin_token_path) + ')"' if secure else ""
@@ -58,15 +61,14 @@ def up(
             "'{\"name\":\"iris\",\"transportType\":\"http\",\"chain\":[\"scikit/iris_scaler\",\"scikit/iris_classifier\"]}'\n"
             f"  curl -X POST {mesh.gateway_url}/serve/iris{auth} -d "
             "'[{\"sepal_length\":5.1,\"sepal_width\":3.5,\"petal_length\":1.4,\"petal_width\":0.2}]'\n"
-            "\nCtrl-C stops everything."
+            "\nA process that exits is restarted; Ctrl-C stops everything."
         )
+        healer.start()
         while not stop.wait(0.5):
-            dead = [p.name for p in mesh.procs.values() if not p.alive()]
-            if dead:
-                console.print(f"[red]{', '.join(dead)} exited; logs in {mesh.supervisor.log_dir}[/red]")
-                break
+            pass
     finally:
         with console.status("stopping..."):
+            healer.stop()  # no restart may start behind the stop below
             mesh.stop()
         console.print("stopped every process.")
 
@@ -120,9 +122,21 @@ def status(
     for column in ("runtime", "kind", "instances", "models"):
         table.add_column(column)
     for r in runtimes:
-        healthy = sum(1 for i in r["instances"] if i["healthy"])
-        table.add_row(r["name"], r["kind"], f"{healthy} healthy" if healthy else "[red]none[/red]", ", ".join(m["name"] for m in r["models"]))
+        table.add_row(r["name"], r["kind"], _instances_health(r["instances"]), ", ".join(m["name"] for m in r["models"]))
     console.print(table)
+
+
+def _instances_health(instances: list[dict]) -> str:
+    """``2 healthy``, or the unhealthy ones in red by id: the manager health-checks each
+    instance live (gRPC health through its sidecar) when it lists them."""
+    if not instances:
+        return "[red]none registered[/red]"
+    healthy = sum(1 for i in instances if i["healthy"])
+    sick = [f"{i['id']} ({i['host']}:{i['port']})" for i in instances if not i["healthy"]]
+    text = f"{healthy} healthy" if healthy else "[red]0 healthy[/red]"
+    if sick:
+        text += f", [red]{len(sick)} unhealthy: {', '.join(sick)}[/red]"
+    return text
 
 
 MANAGER = typer.Option("http://127.0.0.1:8080", envvar="SLUICE_MANAGER_URL", help="manager URL")

@@ -14,6 +14,7 @@ Nothing here knows about pipelines or models; it only converts.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -118,22 +119,30 @@ def encode_bytes(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def decode_bytes(raw: bytes, shape: Sequence[int]) -> np.ndarray:
-    """Read length-prefixed elements back into an object array of ``bytes``."""
-    count = int(np.prod(shape)) if len(shape) else 1
+def decode_bytes(raw: bytes, shape: Sequence[int], max_elements: int | None = None) -> np.ndarray:
+    """Read length-prefixed elements back into an object array of ``bytes``.
+
+    The shape is checked against the data before anything is allocated: each element
+    takes at least its 4-byte length, so a shape that claims more cannot pass."""
+    count = element_count(shape, max_elements)
+    size = len(raw)
+    if count * 4 > size:
+        raise TensorError(
+            f"BYTES tensor is shorter than its shape says: shape {list(shape)} needs at least {count * 4} bytes, got {size}"
+        )
     out = np.empty(count, dtype=object)
     view = memoryview(raw)
     pos = 0
     for i in range(count):
-        if pos + 4 > len(raw):
+        if pos + 4 > size:
             raise TensorError("BYTES tensor is shorter than its shape says")
         (n,) = struct.unpack_from("<I", view, pos)
         pos += 4
-        if pos + n > len(raw):
+        if pos + n > size:
             raise TensorError("BYTES element runs past the end of the tensor")
         out[i] = bytes(view[pos : pos + n])
         pos += n
-    if pos != len(raw):
+    if pos != size:
         raise TensorError("BYTES tensor is longer than its shape says")
     return out.reshape(tuple(shape))
 
@@ -150,21 +159,46 @@ def to_raw(array: np.ndarray, datatype: str | None = None) -> tuple[str, bytes]:
     return datatype, np.ascontiguousarray(array, dtype=dtype).tobytes()
 
 
-def _check_shape(shape: Sequence[int]) -> None:
+#: the most elements a decoded tensor (or all of a request's tensors) may hold when the
+#: caller sets no cap; runtimes set theirs (``SLUICE_RUNTIME_MAX_TENSOR_ELEMENTS``)
+MAX_ELEMENTS = 64 << 20
+#: the most dimensions a tensor may have (NumPy's own limit is 64)
+MAX_RANK = 32
+
+
+def _exact_count(shape: Sequence[int]) -> int:
+    """Elements in ``shape`` as a Python int, refusing negative dimensions and too many."""
+    if len(shape) > MAX_RANK:
+        raise TensorError(f"shape has {len(shape)} dimensions, at most {MAX_RANK} are allowed")
     if any(d < 0 for d in shape):
         raise TensorError(f"shape {list(shape)} has a negative dimension")
+    return math.prod(shape)
 
 
-def from_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
-    """Raw bytes -> array of the given datatype and shape (zero-copy for numerics)."""
-    _check_shape(shape)
+def element_count(shape: Sequence[int], max_elements: int | None = None) -> int:
+    """Elements in ``shape``, computed with Python ints (no overflow), or TensorError.
+
+    Refused: a negative dimension, more than MAX_RANK dimensions, and a shape that
+    holds (or, ignoring its zero dimensions, would hold) more than ``max_elements``."""
+    limit = MAX_ELEMENTS if max_elements is None else max_elements
+    _exact_count(shape)
+    # zero dimensions aside: NumPy refuses [0, 2**62] too, and it is never meant
+    if math.prod(d for d in shape if d) > limit:
+        raise TensorError(f"shape {list(shape)} holds more than {limit} elements, the most a tensor may hold here")
+    return math.prod(shape)
+
+
+def from_raw(raw: bytes, datatype: str, shape: Sequence[int], max_elements: int | None = None) -> np.ndarray:
+    """Raw bytes -> array of the given datatype and shape (zero-copy for numerics).
+
+    The size the shape implies is compared with ``len(raw)`` before anything is made."""
     if datatype == "BYTES":
-        return decode_bytes(raw, shape)
+        return decode_bytes(raw, shape, max_elements)
     try:
         dtype = DATATYPE_TO_DTYPE[datatype].newbyteorder("<")
     except KeyError as exc:
-        raise TensorError(f"unknown datatype {datatype!r}") from exc
-    expected = int(np.prod(shape)) * dtype.itemsize if len(shape) else dtype.itemsize
+        raise TensorError(f"unknown datatype {datatype!r} (one of {', '.join(DATATYPE_TO_DTYPE)})") from exc
+    expected = element_count(shape, max_elements) * dtype.itemsize
     if len(raw) != expected:
         raise TensorError(
             f"{datatype} tensor of shape {list(shape)} needs {expected} bytes, got {len(raw)}"
@@ -172,44 +206,85 @@ def from_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype).reshape(tuple(shape))
 
 
-def from_contents(contents: pb.InferTensorContents, datatype: str, shape: Sequence[int]) -> np.ndarray:
-    """Typed ``InferTensorContents`` -> array (for peers that do not send raw bytes)."""
-    _check_shape(shape)
+def from_contents(
+    contents: pb.InferTensorContents, datatype: str, shape: Sequence[int], max_elements: int | None = None
+) -> np.ndarray:
+    """Typed ``InferTensorContents`` -> array (for peers that do not send raw bytes).
+
+    The number of values is compared with the shape before any array is made, and
+    integers outside the datatype's range are refused."""
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
-        raise TensorError(f"unknown datatype {datatype!r}")
+        raise TensorError(f"unknown datatype {datatype!r} (one of {', '.join(DATATYPE_TO_DTYPE)})")
+    count = _exact_count(shape)  # a Python int: compared with the values actually sent
     values = getattr(contents, field)
+    if len(values) != count:
+        raise TensorError(
+            f"{len(values)} values do not fill shape {list(shape)} ({count} {datatype} elements in contents.{field})"
+        )
+    element_count(shape, max_elements)
+    others = [f.name for f, _ in contents.ListFields() if f.name != field]
+    if others:
+        raise TensorError(f"a {datatype} tensor takes its values in contents.{field}, not {', '.join(others)}")
     if datatype == "BYTES":
-        arr = np.empty(len(values), dtype=object)
+        arr = np.empty(count, dtype=object)
         arr[:] = list(values)
-    else:
-        arr = np.asarray(values, dtype=DATATYPE_TO_DTYPE[datatype])
-    try:
         return arr.reshape(tuple(shape))
-    except ValueError as exc:
-        raise TensorError(f"{len(values)} values do not fill shape {list(shape)}") from exc
+    dtype = DATATYPE_TO_DTYPE[datatype]
+    if dtype.kind in "iu" and count:
+        wide = np.asarray(values, dtype=np.uint64 if field == "uint64_contents" else np.int64)
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
+            raise TensorError(f"a value in contents.{field} is out of {datatype}'s range")
+        return wide.astype(dtype).reshape(tuple(shape))
+    return np.asarray(values, dtype=dtype).reshape(tuple(shape))
 
 
 # --- requests and responses ------------------------------------------------------
 
 
-def _decode(tensors, raw: Sequence[bytes], what: str) -> dict[str, np.ndarray]:
+def _has_contents(tensor) -> bool:
+    return tensor.HasField("contents") and bool(tensor.contents.ListFields())
+
+
+def _decode(tensors, raw: Sequence[bytes], what: str, max_elements: int | None = None) -> dict[str, np.ndarray]:
+    """Every tensor, raw or typed, checked (sizes before allocation; ``max_elements``
+    caps all of them together) and decoded; TensorError naming the tensor."""
     if raw and len(raw) != len(tensors):
-        raise TensorError(f"raw_{what}_contents must hold one entry per {what}")
-    return {
-        t.name: from_raw(raw[i], t.datatype, t.shape) if raw else from_contents(t.contents, t.datatype, t.shape)
-        for i, t in enumerate(tensors)
-    }
+        raise TensorError(f"raw_{what}_contents must hold one entry per {what}: {len(raw)} entries for {len(tensors)} {what}s")
+    budget = MAX_ELEMENTS if max_elements is None else max_elements
+    out: dict[str, np.ndarray] = {}
+    for i, t in enumerate(tensors):
+        name = t.name
+        if name in out:
+            raise TensorError(f"{what} {name!r} is given twice")
+        try:
+            if raw:
+                if _has_contents(t):
+                    raise TensorError(f"typed contents and raw_{what}_contents cannot be mixed: send one or the other")
+                array = from_raw(raw[i], t.datatype, t.shape, budget)
+            else:
+                array = from_contents(t.contents, t.datatype, t.shape, budget)
+        except TensorError as exc:
+            raise TensorError(f"{what} {name!r}: {exc}") from None
+        budget -= array.size
+        out[name] = array
+    return out
 
 
-def request_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    """Decode every input of a ModelInferRequest, raw or typed, into arrays."""
-    return _decode(request.inputs, request.raw_input_contents, "input")
+def request_inputs(request: pb.ModelInferRequest, max_elements: int | None = None) -> dict[str, np.ndarray]:
+    """Decode every input of a ModelInferRequest, raw or typed, into arrays.
+
+    Hostile input (a shape that overflows or is huge, a negative dimension, an
+    unknown datatype, contents of the wrong length, lying BYTES lengths, raw and typed
+    contents mixed) raises TensorError before anything is allocated from it;
+    ``max_elements`` (default MAX_ELEMENTS) caps the elements of all inputs together."""
+    return _decode(request.inputs, request.raw_input_contents, "input", max_elements)
 
 
-def response_outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+def response_outputs(response: pb.ModelInferResponse, max_elements: int | None = None) -> dict[str, np.ndarray]:
     """Decode every output of a ModelInferResponse, raw or typed, into arrays."""
-    return _decode(response.outputs, response.raw_output_contents, "output")
+    return _decode(response.outputs, response.raw_output_contents, "output", max_elements)
 
 
 def fill_response(

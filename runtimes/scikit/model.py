@@ -59,6 +59,11 @@ class SklearnModel(Model):
 
     async def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         X = self.features(inputs)
+        if X.shape[0] == 0:  # an empty batch: empty answers (estimators refuse 0 samples)
+            return {
+                spec.name: np.empty((0, *(max(d, 0) for d in spec.shape[1:])), dtype=DATATYPE_TO_DTYPE[spec.datatype])
+                for spec in self.outputs
+            }
         results: dict[str, np.ndarray] = {}
         out: dict[str, np.ndarray] = {}
         for spec in self.outputs:

@@ -116,7 +116,9 @@ async def serve_runtime(kind: str, loader: Loader, settings: RuntimeSettings | N
     ]
     server = grpc.aio.server(options=options)
     tracing = setup_tracing(settings.name)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(settings.name, kind, models, tracing), server)
+    max_elements = settings.max_tensor_elements or settings.max_message_bytes
+    service = InferenceService(settings.name, kind, models, tracing, max_elements)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{settings.host}:{settings.port}"

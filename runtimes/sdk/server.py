@@ -3,7 +3,12 @@
 Built on the stubs tritonclient ships, so Triton's own client, MLServer's and ours
 all speak to it. Inputs arrive raw (``raw_input_contents``) or typed; outputs always
 leave raw. Errors map to gRPC status codes: unknown model NOT_FOUND, bad input
-INVALID_ARGUMENT, a failing model INTERNAL with the model's message.
+INVALID_ARGUMENT, a failing model INTERNAL with the model's message. Inputs are checked
+before anything is allocated from them (``sluice.tensors.request_inputs``): a shape
+that overflows or exceeds ``max_tensor_elements``, a negative dimension, an unknown
+datatype, contents whose length or count does not match the shape, lying BYTES
+lengths, raw and typed contents mixed, an input given twice, and a shape that
+contradicts the model's signature are INVALID_ARGUMENT naming the input.
 
 The models are a ``models.ModelSet``: several versions per name, the highest loaded
 one the default. A request with an empty version gets the default; with a version,
@@ -93,8 +98,18 @@ def _digests_param(parameters) -> dict[str, str] | None:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, name: str, kind: str, models: ModelSet | dict[str, Model], tracing: Tracing | None = None):
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        models: ModelSet | dict[str, Model],
+        tracing: Tracing | None = None,
+        max_tensor_elements: int | None = None,
+    ):
+        """``max_tensor_elements``: the most elements a request's inputs may hold together
+        (default ``sluice.tensors.MAX_ELEMENTS``); more is INVALID_ARGUMENT."""
         self.name = name
+        self.max_tensor_elements = max_tensor_elements
         self.kind = kind
         self.models = models if isinstance(models, ModelSet) else ModelSet(models)
         self.tracing = tracing or Tracing(kind, None)
@@ -295,7 +310,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _run(self, model: Model, request, context):
         try:
-            inputs = request_inputs(request)
+            inputs = request_inputs(request, self.max_tensor_elements)
             _check_inputs(model, inputs)
         except TensorError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{model.name}: {exc}")
@@ -320,3 +335,7 @@ def _check_inputs(model: Model, inputs: dict) -> None:
             raise TensorError(f"missing input {spec.name!r}")
         if len(spec.shape) != array.ndim:
             raise TensorError(f"input {spec.name!r} must have rank {len(spec.shape)}, got shape {list(array.shape)}")
+        if spec.datatype != "BYTES" and array.dtype == object:
+            raise TensorError(f"input {spec.name!r} must be {spec.datatype}, got BYTES")
+        if any(want >= 0 and got != want for got, want in zip(array.shape, spec.shape)):
+            raise TensorError(f"input {spec.name!r} must have shape {list(spec.shape)}, got {list(array.shape)}")

@@ -34,6 +34,10 @@ class RuntimeSettings(BaseSettings):
     #: how long a load keeps asking an unreachable (or starting) manager for recorded digests
     manager_wait_s: float = Field(60.0, ge=0)
     max_message_bytes: int = Field(64 << 20, gt=0)
+    #: the most elements the inputs of one inference request may hold together (a
+    #: bigger shape is INVALID_ARGUMENT before anything is allocated); 0: max_message_bytes
+    #: (every element costs at least a byte on the wire)
+    max_tensor_elements: int = Field(0, ge=0)
     #: Prometheus /metrics over HTTP on this port; 0: off
     metrics_port: int = 0
 

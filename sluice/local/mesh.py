@@ -22,6 +22,7 @@ default) there are no tokens and the public listeners stay on 127.0.0.1.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -83,6 +84,11 @@ class LocalMesh:
         self.procs: dict[str, Proc] = {}
         self.runtimes = [self._with_ports(r) for r in self.runtimes]
         self._runtime_tokens: dict[str, str] = {}
+        #: each sidecar's bootstrap (written once, re-read by a restarted Envoy), its
+        #: admin-ready URL and the URL that checks the service through it (if any)
+        self._sidecars: dict[str, tuple[Sidecar, Path, str]] = {}
+        #: set to abort the ready-checks in progress (``abort``): the mesh is stopping
+        self.stopping = threading.Event()
 
     # --- tokens (secure mode)
     @property
@@ -172,18 +178,16 @@ class LocalMesh:
     # --- lifecycle
     def start(self) -> "LocalMesh":
         self._admin_ports: dict[str, int] = {}
+        self.stopping.clear()
         self._trust()
         try:
             if self.zipkin_port:
                 self.start_zipkin()
             self.start_manager()
-            self._start_service("repository", "repository", self.ports.repository, self.ports.repository_local, {
-                "SLUICE_REPOSITORY_PORT": str(self.ports.repository_local),
-                "SLUICE_REPOSITORY_ROOTS": self.env.get("SLUICE_REPOSITORY_ROOTS", self._repository_roots()),
-            })
+            self.start_repository()
             for runtime in self.runtimes:
                 self.start_runtime(runtime.name)
-            self._start_gateway()
+            self.start_gateway()
         except BaseException:
             self.stop()
             raise
@@ -192,6 +196,33 @@ class LocalMesh:
     def stop(self) -> None:
         self.supervisor.stop_all()
         self.procs.clear()
+
+    def abort(self) -> None:
+        """Make every ready-check in progress (in another thread: ``Healer``) fail at once."""
+        self.stopping.set()
+
+    def restart(self, key: str) -> Proc:
+        """Start process ``key`` of ``procs`` again (stopping it by PID first if it still
+        runs), through the same start function and ready-checks as start-up; a sidecar's
+        Envoy re-reads its bootstrap and gets its config from the manager."""
+        old = self.procs.pop(key, None)
+        if old is not None:
+            self.supervisor.stop(old)
+        if key.endswith("-sidecar") and key[: -len("-sidecar")] in self._sidecars:
+            self.start_sidecar(key[: -len("-sidecar")])
+        elif key == "zipkin":
+            self.start_zipkin()
+        elif key == "manager":
+            self.start_manager()
+        elif key == "repository":
+            self.start_repository()
+        elif key == "gateway":
+            self.start_gateway()
+        elif key.startswith("runtime-") and any(r.name == key[len("runtime-"):] for r in self.runtimes):
+            self.start_runtime(key[len("runtime-"):])
+        else:
+            raise StartError(f"no way to restart {key!r}")
+        return self.procs[key]
 
     def __enter__(self) -> "LocalMesh":
         return self.start()
@@ -207,13 +238,21 @@ class LocalMesh:
         proc = self.supervisor.start("zipkin", argv, env=env)
         self.procs["zipkin"] = proc
         self.env["SLUICE_ZIPKIN_URL"] = self.zipkin_url
-        wait_until(http_ok(f"{self.zipkin_url}/health"), max(self.timeout_s, 90), "Zipkin", proc, interval_s=0.2)
+        self._wait(http_ok(f"{self.zipkin_url}/health"), "Zipkin", proc, timeout_s=max(self.timeout_s, 90), interval_s=0.2)
 
     def stop_zipkin(self) -> None:
         self.supervisor.stop(self.procs.pop("zipkin"))
 
     def start_manager(self) -> None:
+        """The manager process (and its sidecar, unless that runs already)."""
         self._start_service("manager", "manager", self.ports.manager, self.ports.manager_local, self._manager_env())
+
+    def start_repository(self) -> None:
+        """The repository process (and its sidecar, unless that runs already)."""
+        self._start_service("repository", "repository", self.ports.repository, self.ports.repository_local, {
+            "SLUICE_REPOSITORY_PORT": str(self.ports.repository_local),
+            "SLUICE_REPOSITORY_ROOTS": self.env.get("SLUICE_REPOSITORY_ROOTS", self._repository_roots()),
+        })
 
     def stop_manager(self) -> None:
         """Stop the manager process only; its sidecar (and every other Envoy) keeps serving."""
@@ -223,8 +262,7 @@ class LocalMesh:
         """Start the manager process again (stopping it first if it runs); state comes from its store."""
         if "manager" in self.procs:
             self.stop_manager()
-        proc = self._python("manager", "manager", self._manager_env())
-        wait_until(http_ok(f"{self.manager_url}/healthz"), self.timeout_s, "the restarted manager", proc)
+        self.start_manager()
 
     def start_runtime(self, name: str) -> None:
         spec = self.runtime(name)
@@ -241,11 +279,12 @@ class LocalMesh:
             **dict(spec.env),
         }
         key = f"runtime-{spec.name}"
+        before = self._instance_ids(spec.name)  # a restarted runtime must register anew
         proc = self._python(key, f"runtimes.{spec.kind}", env)
-        wait_until(grpc_serving(f"127.0.0.1:{spec.local_port}"), self.timeout_s, f"runtime {spec.name}", proc)
+        self._wait(grpc_serving(f"127.0.0.1:{spec.local_port}"), f"runtime {spec.name}", proc)
         if f"{key}-sidecar" not in self.procs:
             self.front_runtime(spec.name, spec.local_port, spec.public_port)
-        wait_until(self._registered(spec.name), self.timeout_s, f"runtime {spec.name} to register", proc)
+        self._wait(self._registered(spec.name, before), f"runtime {spec.name} to register", proc)
 
     def front_runtime(self, name: str, local_port: int, public_port: int = 0) -> int:
         """Give the OIP gRPC server on ``local_port`` its Envoy sidecar, as a runtime's
@@ -292,7 +331,12 @@ class LocalMesh:
         self.procs[key] = proc
         return proc
 
-    def _sidecar(self, key: str, service: str, role: str, ingress: int, local: int, **extra) -> Proc:
+    def _wait(self, check, what: str, proc: Proc | None, timeout_s: float | None = None, interval_s: float = 0.05) -> None:
+        wait_until(check, self.timeout_s if timeout_s is None else timeout_s, what, proc, interval_s=interval_s, abort=self.stopping)
+
+    def _sidecar(self, key: str, service: str, role: str, ingress: int, local: int, through: str = "", **extra) -> Proc:
+        """Write the bootstrap of ``key``'s sidecar and start it (``start_sidecar``);
+        ``through``: a URL that must answer 200 through the sidecar once it is ready."""
         node_id = key
         admin = free_port()
         self._admin_ports[node_id] = admin
@@ -304,18 +348,34 @@ class LocalMesh:
         path = self.workdir / "envoy" / f"{node_id}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(sidecar.bootstrap())
+        self._sidecars[key] = (sidecar, path, through)
+        return self.start_sidecar(key)
+
+    def start_sidecar(self, key: str) -> Proc:
+        """Start the Envoy of ``key``'s sidecar from its bootstrap file (written by
+        ``_sidecar``): ready when Envoy's ``/ready`` answers (it has its config from the
+        manager) and the service answers through it."""
+        sidecar, path, through = self._sidecars[key]
         proc = self.supervisor.start(f"{key}-sidecar", sidecar.command(path))
         self.procs[f"{key}-sidecar"] = proc
-        wait_until(http_ok(sidecar.ready_url), self.timeout_s, f"{key}'s Envoy sidecar", proc)
+        self._wait(http_ok(sidecar.ready_url), f"{key}'s Envoy sidecar", proc)
+        if through:
+            self._wait(http_ok(through), f"{key} through its sidecar", proc)
         return proc
 
     def _start_service(self, key: str, module: str, public: int, local: int, env: dict[str, str]) -> None:
+        """A service process, ready-checked; then its sidecar if that does not run yet
+        (start-up), or a check through the running one (a restart)."""
         proc = self._python(key, module, env)
-        wait_until(http_ok(f"http://127.0.0.1:{local}/healthz"), self.timeout_s, key, proc)
-        self._sidecar(key, key, "service", public, local)
-        wait_until(http_ok(f"http://127.0.0.1:{public}/healthz"), self.timeout_s, f"{key} through its sidecar", proc)
+        self._wait(http_ok(f"http://127.0.0.1:{local}/healthz"), key, proc)
+        through = f"http://127.0.0.1:{public}/healthz"
+        if f"{key}-sidecar" not in self.procs:
+            self._sidecar(key, key, "service", public, local, through=through)
+        else:
+            self._wait(http_ok(through), f"{key} through its sidecar", proc)
 
-    def _start_gateway(self) -> None:
+    def start_gateway(self) -> None:
+        """The gateway process (and its sidecar, unless that runs already)."""
         p = self.ports
         token_file = self.workdir / "gateway.xds-token"
         token_file.touch(mode=0o600)
@@ -330,14 +390,27 @@ class LocalMesh:
             "SLUICE_GATEWAY_EGRESS": f"127.0.0.1:{p.egress}",
             "SLUICE_GATEWAY_MANAGER_GRPC": f"127.0.0.1:{p.xds}",
         })
-        wait_until(http_ok(f"http://127.0.0.1:{p.gateway_local}/healthz/ready"), self.timeout_s, "gateway", proc)
-        self._sidecar("gateway", "gateway", "gateway", p.gateway, p.gateway_local, egress_port=p.egress, grpc_port=p.gateway_grpc)
-        wait_until(http_ok(f"{self.gateway_url}/healthz/ready"), self.timeout_s, "gateway through its sidecar", proc)
+        self._wait(http_ok(f"http://127.0.0.1:{p.gateway_local}/healthz/ready"), "gateway", proc)
+        through = f"{self.gateway_url}/healthz/ready"
+        if "gateway-sidecar" not in self.procs:
+            self._sidecar("gateway", "gateway", "gateway", p.gateway, p.gateway_local, through=through,
+                          egress_port=p.egress, grpc_port=p.gateway_grpc)
+        else:
+            self._wait(http_ok(through), "gateway through its sidecar", proc)
 
-    def _registered(self, runtime: str):
+    def _instance_ids(self, runtime: str) -> set[str]:
+        """The ids of the instances the manager lists for ``runtime`` now (none if unknown)."""
+        try:
+            response = httpx.get(f"{self.manager_url}/api/v1/runtimes/{runtime}", timeout=2, headers=self.admin_headers)
+        except httpx.HTTPError:
+            return set()
+        return {i["id"] for i in response.json()["instances"]} if response.status_code == 200 else set()
+
+    def _registered(self, runtime: str, before: set[str] = frozenset()):
+        """True once ``runtime`` has an instance not in ``before`` (a new registration)."""
         def check() -> bool:
             response = httpx.get(f"{self.manager_url}/api/v1/runtimes/{runtime}", timeout=1, headers=self.admin_headers)
-            return response.status_code == 200 and bool(response.json()["instances"])
+            return response.status_code == 200 and bool({i["id"] for i in response.json()["instances"]} - before)
 
         return check
 

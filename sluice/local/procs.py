@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,10 +111,14 @@ class Supervisor:
             self.stop(proc)
 
 
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str, proc: Proc | None = None, interval_s: float = 0.05) -> None:
-    """Poll ``check`` until true; fail after ``timeout_s`` or as soon as ``proc`` exits."""
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str, proc: Proc | None = None, interval_s: float = 0.05,
+               abort: threading.Event | None = None) -> None:
+    """Poll ``check`` until true; fail after ``timeout_s``, as soon as ``proc`` exits, or
+    as soon as ``abort`` is set (the mesh is stopping)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if abort is not None and abort.is_set():
+            raise StartError(f"stopped while waiting for {what}")
         if proc is not None and not proc.alive():
             raise StartError(f"{proc.name} exited (code {proc.popen.returncode}) while waiting for {what}:\n{proc.log_tail()}")
         try:
