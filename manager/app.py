@@ -14,7 +14,8 @@ from contextlib import asynccontextmanager
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
 
 from manager import metrics, tls
 from manager.ca import CertificateAuthority
@@ -31,7 +32,7 @@ from manager.settings import ManagerSettings
 from manager.store import Store
 from manager.xds.ads import AdsServicer
 from manager.xds.auth import AuthenticatedFeed, NodeAuth
-from sluice.errors import install_error_handlers
+from sluice.errors import error_response, install_error_handlers
 from sluice.jsonbody import JsonBodyMiddleware
 from sluice.limits import BodyLimitMiddleware
 from sluice.metrics import mount_metrics
@@ -104,9 +105,21 @@ def create(settings: ManagerSettings, common: CommonSettings, tracing: Tracing |
     app.include_router(router)
     app.include_router(models_router)
 
-    @app.get("/healthz", tags=["health"])
-    async def healthz() -> dict:
-        return {"status": "ok"}
+    @app.get("/healthz", tags=["health"], responses={503: {"description": "the store or the registry is failing (details say which)"}})
+    async def healthz() -> Response:
+        """The manager's own state: its store answers, its registry works; and what its xDS
+        server holds (connected nodes, lagging ones, gateways watching)."""
+        checks = {"store": store.health(), "registry": control.registry.health()}
+        nodes = control.xds.nodes()
+        xds = {
+            "nodes": len(nodes),
+            "lagging": sorted(n for n, s in nodes.items() if s.lagging),
+            "gateways": control.feed.gateways,
+        }
+        failing = {k: v for k, v in checks.items() if v}
+        if failing:
+            return error_response(503, "; ".join(f"{k}: {v}" for k, v in failing.items()), "unhealthy", checks=failing, xds=xds)
+        return JSONResponse({"status": "ok", "store": "ok", "registry": "ok", "xds": xds})
 
     metrics.register(control)
     mount_metrics(app)

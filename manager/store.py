@@ -206,6 +206,14 @@ class Store:
             self._db.execute("ALTER TABLE instances ADD COLUMN ip TEXT NOT NULL DEFAULT ''")
             self._db.execute("ALTER TABLE instances ADD COLUMN token_id TEXT")
 
+    def health(self) -> str | None:
+        """None while the database answers; else its error."""
+        try:
+            self._db.execute("SELECT count(*) FROM pipelines").fetchone()
+            return None
+        except sqlite3.Error as exc:
+            return f"{type(exc).__name__}: {exc}"
+
     def close(self) -> None:
         self._db.close()
 

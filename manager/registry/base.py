@@ -93,6 +93,10 @@ class Registry(abc.ABC):
         """Remove an instance; False when it is unknown."""
         return False
 
+    def health(self) -> str | None:
+        """None while the registry works; else what is wrong (for the manager's /healthz)."""
+        return None
+
     def last_seen(self) -> dict[str, float]:
         """Instance id -> when it last registered or renewed (wall clock), where known."""
         return {}

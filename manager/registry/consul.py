@@ -116,6 +116,7 @@ class ConsulRegistry(Registry):
         self._by_service: dict[str, tuple[Instance, ...]] = {}
         self._announced: dict[Endpoint, Instance] = {}
         self._listener_tasks: set[asyncio.Task] = set()
+        self._failing: dict[str, str] = {}  # query -> its last error, while it fails
 
     def endpoints(self) -> dict[str, list[Endpoint]]:
         out: dict[str, list[Endpoint]] = {}
@@ -140,6 +141,12 @@ class ConsulRegistry(Registry):
             await self._client.close()
             self._client = None
 
+    def health(self) -> str | None:
+        if self._failing:
+            what, error = next(iter(self._failing.items()))
+            return f"consul {what} failing ({error}): serving the last endpoints it gave"
+        return None
+
     # --- blocking queries
     async def _follow(
         self, what: str, query: Callable[[int], Awaitable[tuple[Any, Any]]], handle: Callable[[Any], Any]
@@ -151,9 +158,11 @@ class ConsulRegistry(Registry):
                 index = next_index(index, returned)
             except Exception as exc:  # HTTP 5xx, connection refused, timeout, bad header
                 log.warning("consul %s: %s: %s; keeping the last endpoints, retry in %.2fs", what, type(exc).__name__, exc, delay)
+                self._failing[what] = f"{type(exc).__name__}: {exc}"
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._backoff[1])
                 continue
+            self._failing.pop(what, None)
             delay = self._backoff[0]
             handled = handle(data)
             if inspect.isawaitable(handled):

@@ -55,6 +55,11 @@ class EmbeddedRegistry(Registry):
     def instances(self) -> list[InstanceRow]:
         return list(self._instances.values())
 
+    def health(self) -> str | None:
+        if self._sweeper is not None and self._sweeper.done():
+            return "the heartbeat sweeper stopped: dead instances would never be removed"
+        return None
+
     def last_seen(self) -> dict[str, float]:
         return {i.id: i.last_seen for i in self._instances.values()}
 

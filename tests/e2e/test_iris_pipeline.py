@@ -153,3 +153,12 @@ def test_delete_answers_404_within_one_second(manager, gateway, iris):
     assert time.monotonic() - deleted_at < 1.0
     assert manager.get("/api/v1/pipelines/short-lived").status_code == 404
     assert manager.delete("/api/v1/pipelines/short-lived").status_code == 404
+
+
+def test_manager_healthz_reports_its_store_registry_and_xds_state(mesh, manager, iris):
+    health = manager.get("/healthz")
+    assert health.status_code == 200
+    body = health.json()
+    assert (body["status"], body["store"], body["registry"]) == ("ok", "ok", "ok")
+    # manager, repository, the runtime and the gateway sidecars hold ADS streams; one gateway watches
+    assert body["xds"]["nodes"] == 4 and body["xds"]["gateways"] == 1 and body["xds"]["lagging"] == []

@@ -223,6 +223,7 @@ async def test_server_errors_back_off_and_keep_the_last_endpoints(fake: FakeCons
     await fake.touch()  # wake the held query; the next four answers are 500s
     await until(lambda: any(r.status == 500 for r in fake.seen(HEALTH)[start:]), what="a failure")
     assert registry.endpoints() == known  # kept during the outage
+    assert "consul" in (registry.health() or "") and "failing" in registry.health()  # the manager's /healthz says so
     # four failures, then a query that succeeds and blocks again
     await until(lambda: len(fake.seen(HEALTH)[start:]) >= 5, what="retried past the failures")
     tries = fake.seen(HEALTH)[start:]
@@ -235,6 +236,7 @@ async def test_server_errors_back_off_and_keep_the_last_endpoints(fake: FakeCons
 
     await fake.add("sk-2", "scikit", "10.0.0.2", 9001)  # the loop is healthy again
     await until(lambda: len(registry.endpoints()["scikit"]) == 2, what="change after recovery")
+    assert registry.health() is None
 
 
 async def test_connection_refused_retries_then_recovers(fake: FakeConsul, make_registry, caplog) -> None:

@@ -360,3 +360,10 @@ def test_a_failed_migration_leaves_the_version_0_data_in_place(db: Path) -> None
     assert "stages" in columns
     assert names == ["a-good", "bad"]
     assert user_version(db) == 0
+
+
+def test_health_is_none_while_the_database_answers_and_names_the_error_after(db: Path) -> None:
+    store = Store(db)
+    assert store.health() is None
+    store.close()  # a closed connection stands for a database that stopped answering
+    assert "ProgrammingError" in (store.health() or "")
