@@ -17,7 +17,6 @@ Run by hand: ``.venv/bin/python bench/mesh_latency.py [--requests 2000]``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import sys
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from runtimes.sdk.model import ModelArtifact  # noqa: E402
 from runtimes.scikit.model import SklearnModel  # noqa: E402
+from bench.runner import run_benchmark  # noqa: E402
 from sluice.wire import PIPELINE_HEADER, ROUTE_HEADER, route_key  # noqa: E402
 from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
 from sluice.tensors import to_raw  # noqa: E402
@@ -164,16 +164,7 @@ async def run(requests: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=2000)
-    args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    asyncio.run(run(args.requests))
+    run_benchmark(run, __doc__)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ Run by hand: ``.venv/bin/python bench/mtls_overhead.py [--requests 2000]``.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import json
 import sys
 import tempfile
@@ -40,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.mesh_latency import RECORD, measure, stage0_request, two_stage_grpc  # noqa: E402
 from manager.ca import GATEWAY_ID, MANAGER_ID, Issued, dns_name, runtime_id  # noqa: E402
+from bench.runner import run_benchmark  # noqa: E402
 from sluice.local.envoy import envoy_binary  # noqa: E402
 from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
 from sluice.local.procs import free_port, http_ok, wait_until  # noqa: E402
@@ -184,16 +183,7 @@ async def run(requests: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=2000)
-    args = parser.parse_args()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    asyncio.run(run(args.requests))
+    run_benchmark(run, __doc__)
 
 
 if __name__ == "__main__":
