@@ -23,6 +23,9 @@ router = APIRouter()
 async def _serve(pipeline_name: str, request: Request) -> Response:
     started = time.perf_counter_ns()
     state = request.app.state
+    # the body first: between looking a pipeline up and the executor holding its revision
+    # there must be no await, or the revision could be drained and withdrawn in between
+    body = await request.body()
     pipeline = state.table.get(pipeline_name)
     if pipeline is None:
         metrics.requests("(unknown)", 404).inc()
@@ -32,7 +35,7 @@ async def _serve(pipeline_name: str, request: Request) -> Response:
         span.set_attribute("sluice.pipeline", pipeline.name)
         span.set_attribute("sluice.revision", pipeline.revision)
     try:
-        response, marks, rows = await _run(pipeline, request)
+        response, marks, rows = await _run(pipeline, request, body)
     except ApiError as exc:
         metrics.answered(pipeline, exc.status, started)
         raise
@@ -40,11 +43,10 @@ async def _serve(pipeline_name: str, request: Request) -> Response:
     return response
 
 
-async def _run(pipeline, request: Request) -> tuple[Response, tuple[int, int] | None, int]:
+async def _run(pipeline, request: Request, body: bytes) -> tuple[Response, tuple[int, int] | None, int]:
     """The answer, and for a success when its inputs were read and its stages done, and its rows."""
     state = request.app.state
     pipeline_name = pipeline.name
-    body = await request.body()
     try:
         records, single = parse_records(body)
         inputs = encode_inputs(pipeline, records)

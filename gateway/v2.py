@@ -346,6 +346,9 @@ async def _infer(request: Request, name: str, version: str) -> Response:
     started = time.perf_counter_ns()
     models = _models(request)
     try:
+        # the body first: between looking a revision up and the executor holding it there
+        # must be no await, or it could be drained and its routes withdrawn in between
+        body = await _read_body(request)
         pipeline = models.resolve(name, version)
     except OipError as exc:
         metrics.requests("(unknown)", exc.status).inc()
@@ -355,7 +358,6 @@ async def _infer(request: Request, name: str, version: str) -> Response:
         span.set_attribute("sluice.pipeline", pipeline.name)
         span.set_attribute("sluice.revision", pipeline.revision)
     try:
-        body = await _read_body(request)
         try:
             parsed = parse_infer_request(body, _header_length(request))
         except TensorError as exc:
