@@ -21,7 +21,6 @@ import grpc
 import httpx
 import pytest
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from manager import runtime_models
 from manager.digests import DigestBook, checked_files
@@ -30,7 +29,7 @@ from runtimes.sdk.digests import DigestsRefused, DigestsUnavailable, ManagerDige
 from runtimes.sdk.model import Model, ModelArtifact, ModelLoadError
 from runtimes.sdk.models import ModelSet, UnverifiedRefused
 from runtimes.sdk.repository import DigestMismatch, ModelRepository, UnsafeArtifact, fetch_model
-from runtimes.sdk.server import InferenceService
+from tests.runtime_server import served, stub_of
 from sluice.errors import ApiError
 from sluice.paths import UnsafePath, check_version, is_sha256, relative_parts
 from sluice.tensors import TensorSpec
@@ -412,18 +411,8 @@ async def test_without_a_manager_loads_warn_or_are_refused_in_secure_mode(tmp_pa
 
 @contextlib.asynccontextmanager
 async def serving(models: ModelSet):
-    server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService("inproc", "test", models), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield pb_grpc.GRPCInferenceServiceStub(channel)
-    finally:
-        await channel.close()
-        await server.stop(None)
-        await models.close()
-        await models.repository.aclose()
+    async with served(models, kind="test") as address, stub_of(address) as stub:
+        yield stub
 
 
 def load_request(model: str, **params: str) -> pb.RepositoryModelLoadRequest:

@@ -21,13 +21,12 @@ import joblib
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from models.train_iris import iris_data
 from runtimes.scikit.model import load as sklearn_load
 from runtimes.sdk.model import ModelArtifact
 from runtimes.sdk.models import ModelSet
-from runtimes.sdk.server import InferenceService
+from tests.runtime_server import served, stub_of
 from sluice.tensors import TensorError, request_inputs
 
 MODEL = "iris_classifier"
@@ -48,18 +47,8 @@ def estimator(artifact: ModelArtifact):
 
 @contextlib.asynccontextmanager
 async def serving(artifact: ModelArtifact, **options):
-    models = ModelSet([sklearn_load(artifact)])
-    server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService("hostile", "scikit", models, **options), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield pb_grpc.GRPCInferenceServiceStub(channel)
-    finally:
-        await channel.close()
-        await server.stop(None)
-        await models.close()
+    async with served(ModelSet([sklearn_load(artifact)]), "hostile", **options) as address, stub_of(address) as stub:
+        yield stub
 
 
 def request(*inputs: tuple[str, str, list[int]], raw: list[bytes] | None = None) -> pb.ModelInferRequest:

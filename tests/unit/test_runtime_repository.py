@@ -44,7 +44,7 @@ from runtimes.sdk.model import Model, ModelArtifact
 from runtimes.sdk.models import ModelSet
 from runtimes.sdk.registration import Registration
 from runtimes.sdk.repository import ModelRepository
-from runtimes.sdk.server import InferenceService
+from tests.runtime_server import served
 from sluice.local.procs import Proc, Supervisor, free_port, grpc_serving, http_ok, wait_until
 from sluice.tensors import TensorSpec
 from tests.conftest import ROOT, STORE, TRITON_REPOSITORY
@@ -363,19 +363,12 @@ def test_a_triton_layout_model_loads_into_the_triton_runtime(start_runtime, root
 
 @contextlib.asynccontextmanager
 async def serving(models: ModelSet):
-    server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService("inproc", "scikit", models), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    client = aioclient.InferenceServerClient(f"127.0.0.1:{port}")
-    try:
-        yield client
-    finally:
-        await client.close()
-        await server.stop(None)
-        await models.close()
-        if models.repository is not None:
-            await models.repository.aclose()
+    async with served(models) as address:
+        client = aioclient.InferenceServerClient(address)
+        try:
+            yield client
+        finally:
+            await client.close()
 
 
 async def aio_status(call) -> str:
