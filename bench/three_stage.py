@@ -1,0 +1,210 @@
+"""Benchmark: a 3-stage scikit-learn pipeline on Sluice beside MLServer serving the same
+three models, in one run (issue #13's yardstick).
+
+The pipeline: StandardScaler -> PCA(10) -> LogisticRegression.predict_proba on the
+breast_cancer data, one row per request, each stage a separately served model, all
+three on one runtime. Trained here, deterministically, into a temporary model store
+(Sluice's layout) and a temporary MLServer repository (model-settings.json).
+
+Measured, at 1, 8 and 32 concurrent clients (asyncio), p50/p99 and req/s:
+
+  in-process          the three estimators called in this Python process (the floor)
+  runtime direct      three OIP ModelInfer calls chained by the client, straight to
+                      Sluice's scikit runtime process (no Envoy, no gateway)
+  MLServer chain      the same three calls to MLServer 1.7 (from .venv-mlserver, made
+                      by tests/integration/test_mlserver_stage.py when missing)
+  Sluice gRPC         one OIP ModelInfer to the gateway (through its sidecar)
+  Sluice HTTP         POST /serve/bc with one JSON record
+
+and prints the aims of issue #13 beside the numbers: Sluice's p50 at 1 client over
+MLServer's, Sluice's req/s at 8 clients over MLServer's, and the mesh's own cost per
+stage: (Sluice gRPC - runtime direct) / 3 at p50.
+Run by hand: ``.venv/bin/python bench/three_stage.py [--requests 2000]``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+import httpx
+import joblib
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from sklearn.datasets import load_breast_cancer
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.mesh_latency import measure  # noqa: E402
+from bench.runner import run_benchmark  # noqa: E402
+from models.manifest import tensor, version_dir, write_manifest  # noqa: E402
+from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
+from sluice.local.procs import free_port, wait_until  # noqa: E402
+from sluice.tensors import raw_outputs  # noqa: E402
+
+PIPELINE = "bc"
+#: (model, its input, its output, the sklearn method, output width)
+STAGES = (
+    ("bc_scaler", "features", "scaled", "transform", 30),
+    ("bc_pca", "scaled", "components", "transform", 10),
+    ("bc_classifier", "components", "probabilities", "predict_proba", 2),
+)
+#: MLServer's sklearn runtime names an output after the method it calls
+MLSERVER_OUTPUT = {"transform": "transform", "predict_proba": "predict_proba"}
+CLIENTS = (1, 8, 32)
+WAYS = ("in-process", "runtime direct", "MLServer chain", "Sluice gRPC", "Sluice HTTP")
+
+
+def train(store: Path, mlserver_root: Path, grpc_port: int) -> list:
+    """Fit the three estimators; write them in Sluice's layout and MLServer's."""
+    X, y = load_breast_cancer(return_X_y=True)
+    scaler = StandardScaler().fit(X)
+    pca = PCA(10, random_state=0).fit(scaler.transform(X))
+    classifier = LogisticRegression(max_iter=1000).fit(pca.transform(scaler.transform(X)), y)
+    estimators = [scaler, pca, classifier]
+    widths = {"features": 30}
+    for (name, given, output, method, width), estimator in zip(STAGES, estimators):
+        path = version_dir(store, name)
+        joblib.dump(estimator, path / "model.joblib")
+        write_manifest(path, "sklearn", inputs=[tensor(given, "FP64", [-1, widths[given]])],
+                       outputs=[tensor(output, "FP64", [-1, width], method=method)], artifact="model.joblib")
+        widths[output] = width
+        folder = mlserver_root / name
+        folder.mkdir(parents=True)
+        joblib.dump(estimator, folder / "model.joblib")
+        (folder / "model-settings.json").write_text(json.dumps({
+            "name": name, "implementation": "mlserver_sklearn.SKLearnModel",
+            "parameters": {"uri": "./model.joblib", "version": "1"},
+        }))
+    (mlserver_root / "settings.json").write_text(json.dumps({
+        "host": "127.0.0.1", "http_port": free_port(), "grpc_port": grpc_port,
+        "metrics_endpoint": None, "parallel_workers": 0, "debug": False,
+    }))
+    return estimators
+
+
+def chained(stub, output_names: dict[str, str], row: np.ndarray):
+    """Three ModelInfer calls, each answer's only output fed to the next model."""
+    async def call() -> np.ndarray:
+        datatype, shape, data = "FP64", [1, row.size], row.astype("<f8").tobytes()
+        for name, given, output, method, _ in STAGES:
+            request = pb.ModelInferRequest(model_name=name)
+            request.inputs.add(name=given, datatype=datatype, shape=shape)
+            request.raw_input_contents.append(data)
+            request.outputs.add(name=output_names[method] if output_names else output)
+            answer = await stub.ModelInfer(request)
+            datatype, shape, data = next(iter(raw_outputs(answer).values()))
+        return np.frombuffer(data, "<f8").reshape(shape)
+
+    return call
+
+
+def mlserver_binary() -> Path:
+    from tests.integration.test_mlserver_stage import mlserver_binary as make
+
+    return make()
+
+
+async def run(requests: int) -> None:
+    console = Console(width=140)
+    X, _ = load_breast_cancer(return_X_y=True)
+    row = X[:1].astype(np.float64)
+    results: dict[tuple[str, int], tuple[float, float, float]] = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        work = Path(workdir)
+        mlserver_grpc = free_port()
+        scaler, pca, classifier = train(work / "store", work / "mlserver", mlserver_grpc)
+        expected = classifier.predict_proba(pca.transform(scaler.transform(row)))
+        mesh = LocalMesh(work / "mesh", [RuntimeSpec("scikit", "scikit", tuple(s[0] for s in STAGES))], MeshPorts.ephemeral(),
+                         env={"SLUICE_REPOSITORY_ROOTS": str(work / "store")})
+        with mesh:
+            proc = mesh.supervisor.start("mlserver", [str(mlserver_binary()), "start", str(work / "mlserver")], cwd=work / "mlserver")
+
+            def mlserver_ready() -> bool:
+                import tritonclient.grpc as triton
+
+                client = triton.InferenceServerClient(f"127.0.0.1:{mlserver_grpc}")
+                try:
+                    return client.is_server_ready() and all(client.is_model_ready(s[0]) for s in STAGES)
+                finally:
+                    client.close()
+
+            wait_until(mlserver_ready, 120, "MLServer to load the three models", proc)
+            created = httpx.post(f"{mesh.manager_url}/api/v1/pipelines", json={"name": PIPELINE, "chain": [f"scikit/{s[0]}" for s in STAGES]}, timeout=10)
+            created.raise_for_status()
+
+            async def in_process():
+                classifier.predict_proba(pca.transform(scaler.transform(row)))
+
+            channels = {
+                "runtime direct": grpc.aio.insecure_channel(f"127.0.0.1:{mesh.runtime('scikit').local_port}"),
+                "MLServer chain": grpc.aio.insecure_channel(f"127.0.0.1:{mlserver_grpc}"),
+                "Sluice gRPC": grpc.aio.insecure_channel(f"127.0.0.1:{mesh.ports.gateway}"),
+            }
+            direct = chained(pb_grpc.GRPCInferenceServiceStub(channels["runtime direct"]), {}, row)
+            mlserver = chained(pb_grpc.GRPCInferenceServiceStub(channels["MLServer chain"]), MLSERVER_OUTPUT, row)
+            gateway = pb_grpc.GRPCInferenceServiceStub(channels["Sluice gRPC"])
+            pipeline_request = pb.ModelInferRequest(model_name=PIPELINE)
+            pipeline_request.inputs.add(name="features", datatype="FP64", shape=[1, 30])
+            pipeline_request.raw_input_contents.append(row.astype("<f8").tobytes())
+            http = httpx.AsyncClient(base_url=mesh.gateway_url, timeout=30, limits=httpx.Limits(max_keepalive_connections=64))
+            body = json.dumps([{"features": row[0].tolist()}]).encode()
+
+            async def sluice_grpc():
+                return await gateway.ModelInfer(pipeline_request)
+
+            async def sluice_http():
+                response = await http.post(f"/serve/{PIPELINE}", content=body, headers={"content-type": "application/json"})
+                assert response.status_code == 200, response.text
+                return response
+
+            # every way answers the same probabilities before anything is timed
+            answer = await sluice_grpc()
+            np.testing.assert_allclose(np.frombuffer(raw_outputs(answer)["probabilities"][2], "<f8").reshape(1, 2), expected, rtol=1e-9)
+            np.testing.assert_allclose((await sluice_http()).json()[0]["probabilities"], expected[0], rtol=1e-9)
+            np.testing.assert_allclose(await direct(), expected, rtol=1e-9)
+            np.testing.assert_allclose(await mlserver(), expected, rtol=1e-9)
+
+            calls = {"in-process": in_process, "runtime direct": direct, "MLServer chain": mlserver,
+                     "Sluice gRPC": sluice_grpc, "Sluice HTTP": sluice_http}
+            for clients in CLIENTS:
+                for way in WAYS:
+                    results[(way, clients)] = await measure(calls[way], clients, requests)
+            await http.aclose()
+            for channel in channels.values():
+                await channel.close()
+
+    table = Table(title=f"3-stage breast_cancer pipeline (scaler -> PCA(10) -> LR), 1 row, {requests} requests a cell")
+    for column in ("way", *(f"{c} client{'s' if c > 1 else ''} {what}" for c in CLIENTS for what in (("p50 ms", "p99 ms") if c == 1 else ("req/s",)))):
+        table.add_column(column, justify="left" if column == "way" else "right")
+    for way in WAYS:
+        cells = []
+        for clients in CLIENTS:
+            p50, p99, rps = results[(way, clients)]
+            cells += [f"{p50:.2f}", f"{p99:.2f}"] if clients == 1 else [f"{rps:,.0f}"]
+        table.add_row(way, *cells)
+    console.print(table)
+    ml_p50, sl_p50 = results[("MLServer chain", 1)][0], results[("Sluice gRPC", 1)][0]
+    ml_rps, sl_rps = results[("MLServer chain", 8)][2], results[("Sluice gRPC", 8)][2]
+    per_stage = (sl_p50 - results[("runtime direct", 1)][0]) / len(STAGES)
+    console.print(f"Sluice gRPC p50 / MLServer chain p50 at 1 client: {sl_p50 / ml_p50:.2f} (aim <= 0.5)")
+    console.print(f"Sluice gRPC req/s / MLServer chain req/s at 8 clients: {sl_rps / ml_rps:.2f} (aim >= 3)")
+    console.print(f"the mesh's own cost per stage, p50 over calling the runtime directly: {per_stage:.2f} ms (aim <= 0.8)")
+
+
+def main() -> None:
+    run_benchmark(run, __doc__)
+
+
+if __name__ == "__main__":
+    main()
