@@ -65,7 +65,8 @@ def create(settings: RepositorySettings, base_dir: Path | None = None) -> FastAP
     upload_root = (base / settings.upload_root).resolve() if settings.upload_root else (roots[0] if roots else None)
     if upload_root is not None and upload_root not in roots:
         roots.append(upload_root)  # what is uploaded must be served
-    catalog = Catalog(roots)
+    read_only = frozenset((base / r).resolve() for r in settings.read_only_roots.split(":") if r)
+    catalog = Catalog(roots, read_only)
     locks = ModelLocks()
     uploader = Uploader(catalog, upload_root, settings, locks)
     app = FastAPI(title="Sluice model repository", version="0.1.0")
@@ -102,7 +103,7 @@ def create(settings: RepositorySettings, base_dir: Path | None = None) -> FastAP
             e400="`bad_archive`: not a valid tar/tar.gz/multipart body; `bad_path`: a member path that is absolute, "
             "has `..`, a backslash or NUL, is empty or a duplicate, or a tar member that is not a regular file or directory",
             e409="`layout_conflict`: the model exists in the other layout; `config_conflict`: a Triton model's "
-            "config.pbtxt differs from the upload's",
+            "config.pbtxt differs from the upload's; `read_only`: the model lives in a read-only root",
             e413="`too_large`: the body, the number of files or the unpacked size is over the repository's limits",
             e415="the body is neither a tar (application/gzip, application/x-gzip, application/x-tar, application/x-gtar, "
             "application/octet-stream) nor multipart/form-data",
@@ -118,7 +119,7 @@ def create(settings: RepositorySettings, base_dir: Path | None = None) -> FastAP
         return await uploader.upload(name, request)
 
     @app.delete("/models/{name}", tags=["models"], status_code=204, response_class=Response,
-                responses=errors(e404="no such model or version"))
+                responses=errors(e404="no such model or version", e409="`read_only`: the model lives in a read-only root"))
     async def remove(name: str, version: str | None = Query(None, description="one version; all versions when absent")) -> Response:
         """Delete a model (every version) or one version; deleting the last version removes the model."""
         await asyncio.to_thread(delete, catalog, locks, name, version)

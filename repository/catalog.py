@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from sluice.errors import ApiError
 from sluice.versions import version_key
 
 
@@ -92,8 +93,10 @@ def _visible_dirs(directory: Path) -> list[Path]:
 
 
 class Catalog:
-    def __init__(self, roots: list[Path]):
+    def __init__(self, roots: list[Path], read_only: frozenset[Path] = frozenset()):
         self.roots = roots
+        #: roots whose models the API never changes (``check_writable``)
+        self.read_only = read_only
         self._models: dict[str, ModelEntry] = {}
         self._lock = threading.Lock()
         self.scan()
@@ -112,6 +115,12 @@ class Catalog:
         with self._lock:
             self._models = found
         return found
+
+    def check_writable(self, entry: ModelEntry, action: str) -> None:
+        """409 ``read_only`` when ``entry`` lives in a read-only root."""
+        if entry.directory.parent in self.read_only:
+            raise ApiError(409, f"model {entry.name!r} lives in a read-only root of the repository ({entry.directory.parent}): "
+                           f"it cannot {action}; upload your own model under another name", "read_only", model=entry.name)
 
     def models(self) -> list[ModelEntry]:
         return list(self._models.values())

@@ -5,7 +5,8 @@ directory is renamed out of the model, into ``<root>/.staging/`` (one atomic ste
 no reader ever sees a partly deleted version), and only then removed from disk.
 Deleting a model's last version removes the model's directory (and so, in the Triton
 layout, its ``config.pbtxt``). Only versions the catalog lists can be deleted, so a
-``version`` can never name a path of its own choosing. Whether a pipeline still uses
+``version`` can never name a path of its own choosing, and a model in a read-only
+root (``read_only_roots``) is never deleted (409 ``read_only``). Whether a pipeline still uses
 the model is the manager's check, not the repository's.
 """
 
@@ -26,6 +27,7 @@ def delete(catalog: Catalog, locks: ModelLocks, name: str, version: str | None =
             raise ApiError(404, f"no model {name!r}", "not_found", model=name)
         if version is not None and version not in entry.versions:
             raise ApiError(404, f"model {name!r} has no version {version!r}", "not_found", versions=list(entry.versions))
+        catalog.check_writable(entry, "be deleted")
         whole = version is None or entry.versions == (version,)
         target = entry.directory if whole else entry.directory / version
         staging = Staging.create(entry.directory.parent)

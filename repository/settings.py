@@ -21,6 +21,10 @@ class RepositorySettings(BaseSettings):
     roots: str = "models/store:models/triton"
     #: where a NEW model is uploaded to (a new version goes beside the model's others); "" = the first of ``roots``
     upload_root: str = ""
+    #: roots (of ``roots``, ':'-separated) whose models are never changed through the API:
+    #: no new version, no delete (409 ``read_only``); e.g. the example models beside a
+    #: local mesh's upload root, which live in the source tree
+    read_only_roots: str = ""
     #: the largest upload request body, in bytes (413 ``too_large`` beyond)
     max_upload_bytes: int = Field(1 << 30, gt=0)
     #: the most files (and directories) one upload may hold

@@ -16,7 +16,8 @@ The steps, each a separate guarantee:
    ``config.pbtxt`` at the top: Triton; neither or both: 422 ``bad_manifest``) and
    validate the manifest (``repository.manifests``).
 4. Under the model's lock: look at the model as it is now (409 ``layout_conflict``
-   when it has the other layout; 409 ``config_conflict`` when a Triton model's
+   when it has the other layout, 409 ``read_only`` when it lives in a read-only root
+   (checked first before the body is read, again here); 409 ``config_conflict`` when a Triton model's
    ``config.pbtxt`` differs from the upload's, since Triton keeps one config per model
    and existing versions are immutable), number the version (1 + the highest numeric
    version directory present, 1 for a new model) and ``os.rename`` it into place. A
@@ -105,6 +106,7 @@ class Uploader:
     def _root_for(self, name: str) -> Path:
         entry = self.catalog.get(name)
         if entry is not None:
+            self.catalog.check_writable(entry, "get a new version")  # before a byte of the body is read
             return entry.directory.parent
         if self.upload_root is None:
             raise ApiError(503, "this repository has no root to upload to (SLUICE_REPOSITORY_ROOTS is empty)", "no_upload_root")
@@ -149,6 +151,7 @@ class Uploader:
         """Number the version and move it into place; the caller holds the model's lock."""
         entry = self.catalog.get(name)
         if entry is not None:
+            self.catalog.check_writable(entry, "get a new version")
             model_dir = entry.directory
         elif self.upload_root is not None:
             model_dir = self.upload_root / name

@@ -615,3 +615,21 @@ def test_openapi_documents_the_new_operations(client: TestClient) -> None:
     assert "404" in operations["delete"]["responses"] and "204" in operations["delete"]["responses"]
     assert "404" in operations["get"]["responses"]
     assert "detail" in [p["name"] for p in paths["/models"]["get"]["parameters"]]
+
+
+# --- read-only roots ------------------------------------------------------------------
+
+
+def test_models_in_read_only_roots_get_no_new_version_and_are_not_deleted(tree: Path) -> None:
+    """``read_only_roots``: the example models beside a mesh's upload root are served but
+    never changed: an upload of a new version and a delete are refused with 409
+    ``read_only`` and the tree is untouched; a new model goes to the (writable) upload root."""
+    client = make_client(tree, upload_root="uploads", read_only_roots="store:triton")
+    before = snapshot(tree)
+    refused(tree, lambda: upload_tar(client, "iris", sluice_files()), 409, "read_only")
+    refused(tree, lambda: client.delete("/models/iris", params={"version": "1"}), 409, "read_only")
+    refused(tree, lambda: client.delete("/models/mlp"), 409, "read_only")
+    assert snapshot(tree) == before
+    assert upload_tar(client, "mine", sluice_files()).status_code == 201
+    assert (tree / "uploads" / "mine" / "1" / "model.json").is_file()
+    assert client.delete("/models/mine").status_code == 204
