@@ -8,6 +8,7 @@ import time
 
 from fastapi import APIRouter, Request
 from opentelemetry import trace
+from pydantic import BaseModel
 from starlette.responses import Response
 
 from gateway import metrics
@@ -81,19 +82,32 @@ async def _run(pipeline, request: Request, body: bytes) -> tuple[Response, tuple
     return response, (read, ran), len(records)
 
 
-@router.post("/serve/{pipeline}", tags=["serve"])
+# the records routes are documented per pipeline, with the records each takes (gateway.openapi)
+@router.post("/serve/{pipeline}", tags=["serve"], include_in_schema=False)
 async def serve(pipeline: str, request: Request) -> Response:
     """Run the pipeline on JSON records; answers the last stage's outputs as records."""
     return await _serve(pipeline, request)
 
 
-@router.post("/api/v1/serve/{pipeline}", tags=["serve"])
+@router.post("/api/v1/serve/{pipeline}", tags=["serve"], include_in_schema=False)
 async def serve_v1(pipeline: str, request: Request) -> Response:
     """Same as ``/serve/<pipeline>``."""
     return await _serve(pipeline, request)
 
 
-@router.get("/api/v1/pipelines", tags=["pipelines"])
+class ServedPipeline(BaseModel):
+    revision: int
+    stages: list[str]
+
+
+class ServedSet(BaseModel):
+    """The pipelines this gateway serves now, and the version of the set."""
+
+    version: str
+    pipelines: dict[str, ServedPipeline]
+
+
+@router.get("/api/v1/pipelines", tags=["pipelines"], response_model=ServedSet)
 async def served(request: Request) -> dict:
     """The pipelines this gateway serves now, and the version of the set."""
     table = request.app.state.table

@@ -21,13 +21,13 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gateway.api import router
 from gateway.executor import Executor
-from gateway import v2
+from gateway import openapi, v2
 from gateway.oip import PipelineInferenceService
 from gateway.oip_models import PipelineModels
 from gateway.pipelines import PipelineTable, WatchCredentials, watch_pipelines
 from gateway.settings import GatewaySettings
-from sluice.errors import error_response, install_error_handlers
-from sluice.limits import BodyLimitMiddleware
+from sluice.errors import error_response, error_responses, install_error_handlers
+from sluice.limits import BodyLimitMiddleware, InFlightLimit
 from sluice.metrics import mount_metrics
 from sluice.tracing import TracingMiddleware, Tracing
 
@@ -43,6 +43,7 @@ def create(settings: GatewaySettings, tracing: Tracing | None = None) -> tuple[F
     grpc_server = None
     if settings.grpc_port:
         grpc_server = grpc.aio.server(
+            maximum_concurrent_rpcs=settings.max_in_flight,
             options=[
                 ("grpc.max_receive_message_length", settings.max_body_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -56,6 +57,9 @@ def create(settings: GatewaySettings, tracing: Tracing | None = None) -> tuple[F
         watcher = asyncio.create_task(
             watch_pipelines(table, settings.manager_grpc, settings.node_id, settings.deadline_slack_ms, credentials)
         )
+        # uvicorn binds the port after start-up: no request before the pipeline set (bounded)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(table.ready.wait(), settings.first_set_timeout_s)
         yield
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -76,16 +80,19 @@ def create(settings: GatewaySettings, tracing: Tracing | None = None) -> tuple[F
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/healthz/ready", tags=["health"])
+    @app.get("/healthz/ready", tags=["health"], responses=error_responses(503, s503="no pipeline set received from the manager yet"))
     async def ready():
         if not table.ready.is_set():
             return error_response(503, "no pipeline set received from the manager yet")
         return {"status": "ready", "pipelines": len(table.pipelines), "version": table.version}
 
+    openapi.install(app, table)
     mount_metrics(app)
     # /v2 reads its bodies under the same limit itself (gateway.v2), answering in OIP's shape
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, overrides={r"/v2(/|$)": 1 << 62})
     app.add_middleware(TracingMiddleware, tracing=tracing)
+    # outermost: shed beyond max_in_flight before any work; Retry-After on every 503
+    app.add_middleware(InFlightLimit, max_in_flight=settings.max_in_flight, retry_after_s=settings.retry_after_s)
     return app, grpc_server
 
 

@@ -137,6 +137,8 @@ def grpc_inputs(request: pb.ModelInferRequest) -> dict[str, RawTensor]:
         if name in out:
             raise TensorError(f"input {name!r} is given twice")
         if raw:
+            if tensor.HasField("contents") and tensor.contents.ListFields():  # OIP: one or the other, as the runtimes refuse it
+                raise TensorError(f"input {name!r}: typed contents and raw_input_contents cannot be mixed: send one or the other")
             check_raw(name, datatype, shape, raw[i])
             data = raw[i]
         else:

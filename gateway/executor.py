@@ -3,6 +3,11 @@
 The gateway never knows where a runtime is: each call carries the stage's route
 header (``sluice.wire.ROUTE_HEADER``) and Envoy's route picks the cluster, timeout
 and retries.
+A stage at its concurrency limit is a 503 ``stage_overloaded`` naming the stage, at
+once: its cluster's circuit breaker overflowed on the sidecar (Envoy marks the answer
+``x-envoy-overloaded``) or the runtime itself refused the call (RESOURCE_EXHAUSTED:
+its in-flight limit or a full batching queue). The app adds ``Retry-After``
+(``sluice.limits.InFlightLimit``).
 Between stages the tensors stay raw bytes: a stage's output bytes become the next
 stage's input bytes as they are, never decoded or re-encoded in Python.
 """
@@ -37,7 +42,7 @@ _STATUS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "stage_timeout"),
     grpc.StatusCode.UNAVAILABLE: (503, "stage_unavailable"),
     grpc.StatusCode.UNIMPLEMENTED: (503, "stage_unrouted"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "stage_overloaded"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (503, "stage_overloaded"),
     grpc.StatusCode.NOT_FOUND: (502, "stage_model_missing"),
 }
 
@@ -137,10 +142,25 @@ class Executor:
         except grpc.aio.AioRpcError as exc:
             status, code = _STATUS.get(exc.code(), (502, "stage_failed"))
             details = exc.details() or exc.code().name
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and "timeout" in details:
+            if _overloaded(exc):
+                status, code = 503, "stage_overloaded"
+                details = f"the stage's runtime is at its concurrency limit (Envoy: {details})"
+            elif exc.code() == grpc.StatusCode.UNAVAILABLE and "timeout" in details:
                 status, code = 504, "stage_timeout"
             raise StageFailed(stage, status, code, details) from None
         try:
             return raw_outputs(response)
         except TensorError as exc:
             raise StageFailed(stage, 502, "stage_bad_output", str(exc)) from None
+
+
+#: the header Envoy sets on an answer it made because a circuit breaker overflowed
+OVERLOADED_HEADER = "x-envoy-overloaded"
+
+
+def _overloaded(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether Envoy shed the call (a cluster's circuit breaker overflowed): its header is
+    in the initial metadata, or in the trailers of a trailers-only answer."""
+    return any(
+        key == OVERLOADED_HEADER for metadata in (exc.initial_metadata(), exc.trailing_metadata()) for key, _ in (metadata or ())
+    )

@@ -274,20 +274,24 @@ async def _watch(table: PipelineTable, manager: str, node_id: str, deadline_slac
                 yield await acks.get()
 
         connected = False
-        async for message in stub.Watch(requests(), metadata=metadata):
-            acks.put_nowait(pipeline_pb2.WatchRequest(node_id=node_id, received_version=message.version))
-            dropped = table.apply(message, deadline_slack_ms)
-            await table.drain(dropped)
-            if message.full:
-                log.info(
-                    "pipeline watch: %s %s; serving %d pipelines (v%s)",
-                    "full set from" if connected else "connected to", manager, len(table.pipelines), message.version,
-                )
-                connected = True
-            else:
-                log.info(
-                    "pipeline watch: v%s: %d created or replaced, %d removed; serving %d pipelines",
-                    message.version, len(message.pipelines), len(message.removed), len(table.pipelines),
-                )
-            acks.put_nowait(pipeline_pb2.WatchRequest(node_id=node_id, ack_version=message.version))
-            yield message.version
+        call = stub.Watch(requests(), metadata=metadata)
+        try:
+            async for message in call:
+                acks.put_nowait(pipeline_pb2.WatchRequest(node_id=node_id, received_version=message.version))
+                dropped = table.apply(message, deadline_slack_ms)
+                await table.drain(dropped)
+                if message.full:
+                    log.info(
+                        "pipeline watch: %s %s; serving %d pipelines (v%s)",
+                        "full set from" if connected else "connected to", manager, len(table.pipelines), message.version,
+                    )
+                    connected = True
+                else:
+                    log.info(
+                        "pipeline watch: v%s: %d created or replaced, %d removed; serving %d pipelines",
+                        message.version, len(message.pipelines), len(message.removed), len(table.pipelines),
+                    )
+                acks.put_nowait(pipeline_pb2.WatchRequest(node_id=node_id, ack_version=message.version))
+                yield message.version
+        finally:
+            call.cancel()  # also ends the task feeding it ``requests()``, however the stream ended

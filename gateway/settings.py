@@ -30,3 +30,12 @@ class GatewaySettings(BaseSettings):
     max_message_bytes: int = Field(64 << 20, gt=0)
     #: slack added to a stage's route timeout for the gRPC deadline, so Envoy times out first
     deadline_slack_ms: int = Field(1000, ge=0)
+    #: at start-up, the HTTP API listens only once the manager's pipeline set is here, or
+    #: after this long (a restarted gateway must not answer 404 for pipelines it has not
+    #: received yet while its sidecar already sends it requests)
+    first_set_timeout_s: float = Field(30.0, ge=0)
+    #: requests served at once (HTTP and gRPC each); one more is answered at once: HTTP 503
+    #: with ``Retry-After`` (``sluice.limits.InFlightLimit``), gRPC RESOURCE_EXHAUSTED
+    max_in_flight: int = Field(256, ge=1)
+    #: the ``Retry-After`` (seconds) of every 503 the gateway answers (shed, stage overloaded or down)
+    retry_after_s: int = Field(1, ge=1)

@@ -271,12 +271,13 @@ async def server_metadata() -> Response:
     return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)})
 
 
-@router.get("/health/live", responses=_EMPTY_OK, summary="Server live")
+@router.get("/health/live", responses=_EMPTY_OK, summary="Server live", response_class=Response)
 async def health_live() -> Response:
     return Response(status_code=200)
 
 
-@router.get("/health/ready", responses={**_EMPTY_OK, **_errors(503)}, summary="Server ready: the pipeline set is received")
+@router.get("/health/ready", responses={**_EMPTY_OK, **_errors(503)}, summary="Server ready: the pipeline set is received",
+            response_class=Response)
 async def health_ready(request: Request) -> Response:
     if not _models(request).server_ready():
         return error(503, "no pipeline set received from the manager yet")
@@ -395,7 +396,7 @@ def _route(path: str, method: str, handler, summary: str, **options) -> None:
 
 _route("", "GET", _metadata, "Pipeline metadata: the first stage's inputs, the last stage's outputs",
        response_model=ModelMetadata, responses=_errors(404))
-_route("/ready", "GET", _ready, "Pipeline ready", responses={**_EMPTY_OK, **_errors(404)})
+_route("/ready", "GET", _ready, "Pipeline ready", responses={**_EMPTY_OK, **_errors(404)}, response_class=Response)
 _route("/config", "GET", _config, "Pipeline configuration (Triton's model configuration)", responses=_errors(404))
 _route("/stats", "GET", _statistics, "Pipeline statistics", response_model=StatisticsResponse, responses=_errors(404))
 _route("/infer", "POST", _infer, "Run the pipeline on OIP tensors", response_model=InferResponse,

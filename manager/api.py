@@ -34,10 +34,28 @@ from manager.schemas import (
     StageOut,
 )
 from manager.store import PipelineRow
-from sluice.errors import ApiError
+from sluice.errors import ApiError, error_responses
 
 router = APIRouter(prefix="/api/v1")
 router.include_router(tokens_router)
+
+#: a pipeline definition's errors: unreadable body, schema or signature problems (details name the stage)
+_DEFINITION_ERRORS = error_responses(
+    400, 422,
+    s422="the definition does not validate, or a stage does not fit its runtime's models or the previous stage (details name the stage and tensor)",
+)
+_CHANGE_ERRORS = error_responses(
+    502, 504,
+    s502="an Envoy node rejected the change (NACK; the message names the node and Envoy's reason): rolled back, the last good state serves",
+    s504="an Envoy node or a gateway did not acknowledge the change in time: rolled back, the last good state serves",
+)
+_NO_PIPELINE = error_responses(404, s404="no pipeline of that name")
+_NO_RUNTIME = error_responses(404, s404="no runtime of that name")
+_INSTANCE_ERRORS = error_responses(
+    401, 403, 404,
+    s401="secure mode: no verified token", s403="secure mode: not the token that registered the instance",
+    s404="no such instance of that runtime (register again)",
+)
 
 
 def _control(request: Request) -> ControlPlane:
@@ -68,13 +86,14 @@ async def list_pipelines(request: Request) -> list[PipelineOut]:
     return [_pipeline_out(r) for _, r in sorted(_control(request).served.items())]
 
 
-@router.post("/pipelines", response_model=PipelineOut, status_code=status.HTTP_201_CREATED, tags=["pipelines"])
+@router.post("/pipelines", response_model=PipelineOut, status_code=status.HTTP_201_CREATED, tags=["pipelines"],
+             responses={**_DEFINITION_ERRORS, **error_responses(409, s409="a pipeline of that name exists"), **_CHANGE_ERRORS})
 async def create_pipeline(spec: PipelineSpec, request: Request) -> PipelineOut:
     """Create a pipeline; it is served once Envoy holds its routes."""
     return _pipeline_out(await _control(request).create_pipeline(spec))
 
 
-@router.post("/pipelines:apply", response_model=ApplyOut, tags=["pipelines"])
+@router.post("/pipelines:apply", response_model=ApplyOut, tags=["pipelines"], responses={**_DEFINITION_ERRORS, **error_responses(413), **_CHANGE_ERRORS})
 async def apply_pipelines(body: ApplyRequest, request: Request, dry_run: bool = Query(False)) -> ApplyOut:
     """Create or replace every listed pipeline in one change (and with `prune`, delete the
     ones not listed). Validated as a whole: one bad definition refuses everything with a 422
@@ -84,7 +103,7 @@ async def apply_pipelines(body: ApplyRequest, request: Request, dry_run: bool = 
     return ApplyOut(created=result.created, replaced=result.replaced, unchanged=result.unchanged, deleted=result.deleted, dry_run=dry_run)
 
 
-@router.get("/pipelines/{name}", response_model=PipelineOut, tags=["pipelines"])
+@router.get("/pipelines/{name}", response_model=PipelineOut, tags=["pipelines"], responses=_NO_PIPELINE)
 async def get_pipeline(name: str, request: Request) -> PipelineOut:
     row = _control(request).served.get(name)
     if row is None:
@@ -92,13 +111,14 @@ async def get_pipeline(name: str, request: Request) -> PipelineOut:
     return _pipeline_out(row)
 
 
-@router.put("/pipelines/{name}", response_model=PipelineOut, tags=["pipelines"])
+@router.put("/pipelines/{name}", response_model=PipelineOut, tags=["pipelines"],
+            responses={**_NO_PIPELINE, **_DEFINITION_ERRORS, **_CHANGE_ERRORS})
 async def replace_pipeline(name: str, spec: PipelineSpec, request: Request) -> PipelineOut:
     """Replace a pipeline: the new revision is routed before it is served (blue/green)."""
     return _pipeline_out(await _control(request).replace_pipeline(name, spec))
 
 
-@router.delete("/pipelines/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["pipelines"])
+@router.delete("/pipelines/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["pipelines"], responses={**_NO_PIPELINE, **_CHANGE_ERRORS})
 async def delete_pipeline(name: str, request: Request) -> Response:
     await _control(request).delete_pipeline(name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -112,7 +132,7 @@ async def list_runtimes(request: Request) -> list[RuntimeOut]:
     return list(await asyncio.gather(*(_runtime_out(control, name) for name in sorted(control.runtimes))))
 
 
-@router.get("/runtimes/{name}", response_model=RuntimeOut, tags=["runtimes"])
+@router.get("/runtimes/{name}", response_model=RuntimeOut, tags=["runtimes"], responses=_NO_RUNTIME)
 async def get_runtime(name: str, request: Request) -> RuntimeOut:
     control = _control(request)
     if name not in control.runtimes:
@@ -151,7 +171,14 @@ async def _runtime_out(control: ControlPlane, name: str) -> RuntimeOut:
     )
 
 
-@router.post("/runtimes", response_model=Registered, status_code=status.HTTP_201_CREATED, tags=["runtimes"])
+@router.post("/runtimes", response_model=Registered, status_code=status.HTTP_201_CREATED, tags=["runtimes"],
+             responses=error_responses(
+                 400, 401, 403, 409, 422, 503,
+                 s401="secure mode: no verified token", s403="secure mode: the token is not this runtime's",
+                 s409="runtimes register with Consul in this deployment",
+                 s422="the registration does not validate, or its host is outside the runtime networks",
+                 s503="the runtime cannot be reached at that address, or could not load its recorded models: retry",
+             ))
 async def register_runtime(reg: RuntimeRegistration, request: Request) -> Registered:
     """Register a runtime instance (any OIP v2 gRPC server); its models' signatures are read over OIP.
     Secure mode: needs a `runtime:<name>` (or `admin`) token. The host must resolve inside
@@ -159,7 +186,7 @@ async def register_runtime(reg: RuntimeRegistration, request: Request) -> Regist
     return await _control(request).register_runtime(reg, _caller(request))
 
 
-@router.put("/runtimes/{name}/instances/{instance_id}/heartbeat", status_code=204, tags=["runtimes"])
+@router.put("/runtimes/{name}/instances/{instance_id}/heartbeat", status_code=204, tags=["runtimes"], responses=_INSTANCE_ERRORS)
 async def heartbeat(name: str, instance_id: str, request: Request) -> Response:
     """Renew an instance; secure mode: with the token that registered it."""
     control = _control(request)
@@ -169,7 +196,7 @@ async def heartbeat(name: str, instance_id: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
-@router.delete("/runtimes/{name}/instances/{instance_id}", status_code=204, tags=["runtimes"])
+@router.delete("/runtimes/{name}/instances/{instance_id}", status_code=204, tags=["runtimes"], responses=_INSTANCE_ERRORS)
 async def deregister(name: str, instance_id: str, request: Request) -> Response:
     """Remove an instance; secure mode: with the token that registered it, or an admin token."""
     control = _control(request)

@@ -11,6 +11,24 @@ waiting for acknowledgements between steps:
    -> every gateway ACKs (after draining requests on what it dropped);
 3. the replaced revisions' and deleted pipelines' routes are withdrawn.
 
+Each step is confirmed (``NodeTracker.settle``, ``PipelineFeed.wait_acked``): a NACK or
+an ACK timeout before the gateways confirmed rolls the change back in the same
+make-before-break order (gateways back to the old revisions, then the new routes
+withdrawn, then the store) and the API call gets a 502 ``change_rejected`` naming the
+node and Envoy's reason, or a 504 ``change_timeout`` naming the silent nodes. Waiting
+for gateways to drain is bounded by the dropped revisions' stage timeouts, not by the
+ACK timeout.
+
+Crashes: the store holds the change's intent from its first step to its last
+(``Store.begin_change``/``finish_change``). A manager started on an unfinished change
+routes both revisions, holds the gateway feed until the gateways' sidecars have those
+routes, then lets gateways take the new state, withdraws the old routes and finishes
+the change (``_recover``): a crash at any step ends in the new state (or in the old one
+if it was being rolled back and the abort was written). Any restart with pipelines
+also waits (bounded) for a gateway to reconnect and confirm the set before the next
+change: a change confirmed while no gateway listens would withdraw routes that a
+gateway still serving the older set needs.
+
 A revision's routes carry the revision in their key, so an in-flight request always
 finishes on the routes of the revision it started with. Only what a change touches is
 rebuilt and sent: one route scope per pipeline to Envoy (``xds.layers``), one delta to
@@ -31,18 +49,19 @@ from manager import runtime_models
 from manager.auth.networks import RuntimeNetworks
 from manager.auth.scopes import Caller, runtime_scope
 from manager.ca import CertificateAuthority
-from manager.feed import PipelineFeed
+from manager.feed import FeedAck, PipelineFeed
 from manager.registry.base import Endpoint, Registry
 from manager.resolve import resolve
 from manager.schemas import PipelineSpec, Registered, RuntimeRegistration
 from manager.settings import ManagerSettings
 from manager.signatures import SignatureError, read_signatures
-from manager.store import PipelineRow, RuntimeRow, Store
+from manager.store import PendingChange, PipelineRow, RuntimeRow, Store
 from manager.xds.layers import MeshLayers
 from manager.xds.ingress_auth import IngressAuth
+from manager.xds.limits import MeshLimits
 from manager.xds.resources import PUSH_ORDER, ROUTE, MeshSettings, NodeInfo
 from manager.xds.snapshot import SnapshotCache
-from manager.xds.status import NodeTracker
+from manager.xds.status import Convergence, NodeTracker
 from sluice.errors import ApiError
 from sluice.plan import PipelinePlan
 
@@ -58,6 +77,43 @@ class ChangeResult:
     unchanged: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     rows: dict[str, PipelineRow] = field(default_factory=dict)
+
+
+class ChangeFailed(Exception):
+    """A step of a change was not confirmed; ``error`` is what the API call answers."""
+
+    def __init__(self, error: ApiError):
+        super().__init__(error.message)
+        self.error = error
+
+
+def _routes_failure(found: Convergence, timeout_s: float) -> ApiError:
+    if found.refused:
+        first = found.refused[0]
+        return ApiError(
+            502, f"Envoy on node {first.node!r} rejected the change's {first.type}: {first.reason}; the change was rolled back",
+            "change_rejected", step="routes", node=first.node, type=first.type, reason=first.reason,
+            refused=[{"node": r.node, "type": r.type, "reason": r.reason} for r in found.refused],
+            silent=list(found.silent),
+        )
+    return ApiError(
+        504, f"Envoy on node(s) {', '.join(found.silent)} did not acknowledge the change's routes within {timeout_s:g}s; "
+        "the change was rolled back", "change_timeout", step="routes", nodes=list(found.silent), timeout_s=timeout_s,
+    )
+
+
+def _gateways_failure(ack: FeedAck, timeout_s: float, drain_s: float) -> ApiError:
+    nodes = [*ack.silent, *ack.behind]
+    return ApiError(
+        504, f"gateway(s) {', '.join(nodes)} did not confirm the change (silent: {list(ack.silent)}, still draining after "
+        f"{drain_s:g}s: {list(ack.behind)}); the change was rolled back", "change_timeout",
+        step="gateways", nodes=nodes, silent=list(ack.silent), behind=list(ack.behind), timeout_s=timeout_s, drain_timeout_s=drain_s,
+    )
+
+
+def _drain_s(plans) -> float:
+    """How long gateways may take to drain requests on these revisions: their stage timeouts."""
+    return max((sum(s.timeout_ms for s in plan.stages) / 1000 for plan in plans), default=0.0)
 
 
 class ControlPlane:
@@ -79,10 +135,19 @@ class ControlPlane:
         self.runtimes: dict[str, RuntimeRow] = {r.name: r for r in store.runtimes()}
         self.served: dict[str, PipelineRow] = {row.name: row for row in store.pipelines()}
         self.routed: dict[str, list[PipelinePlan]] = {name: [row.plan] for name, row in self.served.items()}
+        #: a change a killed manager left unfinished: both revisions routed until ``_recover``
+        self._pending: PendingChange | None = store.pending_change()
+        if self._pending is not None:
+            for put in self._pending.puts:
+                if put.old is not None:
+                    self.routed[put.new.name] = [put.old.plan, put.new.plan]
+            for row in self._pending.deletes:
+                self.routed[row.name] = [row.plan]
         self.layers = MeshLayers(
             MeshSettings(
                 settings.listener_address, settings.stage_retries, zipkin, trace_sample_percent,
                 plaintext_health=plaintext_health,
+                limits=MeshLimits.from_settings(settings),
                 # dev mode (no tokens): the manager's and the gateway's ingress on loopback only
                 public_address="" if settings.auth else "127.0.0.1",
             ),
@@ -93,24 +158,30 @@ class ControlPlane:
         self.networks = RuntimeNetworks(settings.runtime_networks)
         self.layers.add_runtimes(set(self.runtimes))
         self.layers.set_endpoints(self._endpoints())
+        self.layers.fault_nack = settings.fault_nack  # test-only, empty unless set
         self.layers.set_pipelines(self.routed)
         self.cache = SnapshotCache()
         self.xds = NodeTracker(self.cache, self._provide, self.layers.forget)
-        self.feed = PipelineFeed([row.plan for row in self.served.values()])
+        self.feed = PipelineFeed([row.plan for row in self.served.values()], held=self._pending is not None)
         self._lock = asyncio.Lock()
         self._rotation: asyncio.Task | None = None
+        self._recovery: asyncio.Task | None = None
         registry.on_change(self._endpoints_changed)
         registry.on_runtime(self._learn_discovered)
 
     async def start(self) -> None:
         await self.registry.start()
         self._rotation = asyncio.create_task(self._rotate_certificates())
+        if self._pending is not None or self.served:
+            await self._lock.acquire()  # no change starts before the gateways are back in step
+            self._recovery = asyncio.create_task(self._recover(self._pending))
 
     async def stop(self) -> None:
-        if self._rotation is not None:
-            self._rotation.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rotation
+        for task in (self._rotation, self._recovery):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.registry.stop()
 
     async def _rotate_certificates(self) -> None:
@@ -144,18 +215,23 @@ class ControlPlane:
         self.layers.set_endpoints(self._endpoints())
         self._push()
 
-    async def _routes_step(self, names: set[str], wait: bool = True) -> None:
+    async def _routes_step(self, names: set[str], wait: bool = True) -> Convergence | None:
+        """Push the named pipelines' routes (``routed``); with ``wait``, what the gateway
+        sidecars made of them (every one acknowledged, or who refused or was silent)."""
         self.layers.set_pipelines({name: self.routed.get(name, []) for name in names})
+        for name in [n for n in names if not self.routed.get(n)]:
+            self.routed.pop(name, None)
         self._push()
         if wait:
-            await self.xds.wait_converged("gateway", PUSH_ORDER, self.settings.ack_timeout_s)
+            return await self.xds.settle("gateway", PUSH_ORDER, self.settings.ack_timeout_s)
+        return None
 
-    async def _gateway_step(self, upserts: list[PipelinePlan], removed: list[str], dropped: list[PipelinePlan]) -> None:
+    async def _gateway_step(self, upserts: list[PipelinePlan], removed: list[str], dropped: list[PipelinePlan]) -> tuple[FeedAck, float]:
         # gateways drain requests still running on what they drop (``dropped``) before
         # acknowledging: that may take those revisions' stage timeouts, longer than an ACK timeout
-        drain_s = max((sum(s.timeout_ms for s in plan.stages) / 1000 for plan in dropped), default=0.0)
+        drain_s = _drain_s(dropped) + self.settings.ack_timeout_s
         version = await self.feed.publish(upserts, removed)
-        await self.feed.wait_acked(version, self.settings.ack_timeout_s, drain_s + self.settings.ack_timeout_s)
+        return await self.feed.wait_acked(version, self.settings.ack_timeout_s, drain_s), drain_s
 
     # --- pipelines
     def _resolve(self, spec: PipelineSpec, revision: int) -> PipelinePlan:
@@ -224,37 +300,136 @@ class ControlPlane:
             return changed
 
     async def _commit(self, upserts: list[tuple[PipelineSpec, PipelinePlan]], deleted: list[str]) -> ChangeResult:
-        """Make before break, for any mix of creates, replaces and deletes (lock held)."""
+        """Make before break, for any mix of creates, replaces and deletes (lock held).
+
+        Intent and new state first, durably (``Store.begin_change``); then new routes beside
+        the old (confirmed by every gateway sidecar), then gateways (confirmed once they
+        drained what they dropped), then the old routes withdrawn, then ``finish_change``.
+        A step not confirmed before the gateways confirmed rolls the change back and
+        raises the ``ApiError`` that says who refused; after it, the change stands."""
         result = ChangeResult(deleted=list(deleted))
         plans = [plan for _, plan in upserts]
-        rows = self.store.put_pipelines([(spec.model_dump(exclude_none=True), plan) for spec, plan in upserts])
+        before = {name: self.served[name] for name in [*(p.name for p in plans), *deleted] if name in self.served}
+        rows = self.store.begin_change([(spec.model_dump(exclude_none=True), plan) for spec, plan in upserts], list(deleted))
         for row in rows:
-            old = self.served.get(row.name)
+            old = before.get(row.name)
             (result.replaced if old else result.created).append(row.name)
             self.routed[row.name] = [old.plan, row.plan] if old else [row.plan]
             result.rows[row.name] = row
-        if upserts:
-            await self._routes_step({plan.name for plan in plans})
-        dropped = [self.served[name].plan for name in [*result.replaced, *deleted]]
-        for row in rows:
-            self.served[row.name] = row
-        for name in deleted:
-            del self.served[name]
-        await self._gateway_step(plans, deleted, dropped)
+        published = False
+        try:
+            if upserts:
+                found = await self._routes_step({plan.name for plan in plans})
+                if not found.ok:
+                    raise ChangeFailed(_routes_failure(found, self.settings.ack_timeout_s))
+            dropped = [before[name].plan for name in [*result.replaced, *deleted]]
+            for row in rows:
+                self.served[row.name] = row
+            for name in deleted:
+                del self.served[name]
+            published = True
+            ack, drain_s = await self._gateway_step(plans, deleted, dropped)
+            if not ack.ok:
+                raise ChangeFailed(_gateways_failure(ack, self.settings.ack_timeout_s, drain_s))
+        except Exception as exc:
+            log.warning("change of %s not confirmed (%s): rolling back", sorted({*result.created, *result.replaced, *deleted}), exc)
+            await self._roll_back(before, rows, deleted, published)
+            if isinstance(exc, ChangeFailed):
+                raise exc.error from None
+            raise
         withdrawn = set(result.replaced) | set(deleted)
         for name in result.replaced:
             self.routed[name] = [result.rows[name].plan]
         for name in deleted:
-            del self.routed[name]
-        if withdrawn:
-            await self._routes_step(withdrawn, wait=bool(deleted))
-        if deleted:
-            self.store.delete_pipelines(deleted)
+            self.routed[name] = []
+        try:
+            if withdrawn:
+                found = await self._routes_step(withdrawn, wait=bool(deleted))
+                if found is not None and not found.ok:  # the gateways serve the new state: the change stands
+                    log.warning("old routes of %s withdrawn without confirmation: %s", sorted(withdrawn), found)
+        finally:
+            self.store.finish_change()
         if len(plans) + len(deleted) == 1:
             log.info("pipeline %s %s", (plans[0].name if plans else deleted[0]), "deleted" if deleted else f"at revision {plans[0].revision}")
         else:
             log.info("applied: %d created, %d replaced, %d deleted", len(result.created), len(result.replaced), len(deleted))
         return result
+
+    async def _roll_back(self, before: dict[str, PipelineRow], rows: list[PipelineRow], deleted: list[str], published: bool) -> None:
+        """Undo a change whose step failed, make before break again: gateways back to the old
+        revisions (if they were told), then the new routes withdrawn (only once the gateways
+        confirmed: one that may still serve a new revision keeps its routes), then the store."""
+        names = {row.name for row in rows} | set(deleted)
+        for name in names:
+            if name in before:
+                self.served[name] = before[name]
+            else:
+                self.served.pop(name, None)
+        try:
+            await self._roll_back_mesh(before, rows, names, published)
+        finally:
+            self.store.abort_change()  # the store holds the old state whatever the mesh confirmed
+        log.info("rolled back: %s at their previous revisions", sorted(names))
+
+    async def _roll_back_mesh(self, before: dict[str, PipelineRow], rows: list[PipelineRow], names: set[str], published: bool) -> None:
+        confirmed = True
+        if published:
+            created = sorted(names - set(before))
+            version = await self.feed.publish([row.plan for row in before.values()], created)
+            drain_s = _drain_s([row.plan for row in rows]) + self.settings.ack_timeout_s
+            ack = await self.feed.wait_acked(version, self.settings.ack_timeout_s, drain_s)
+            confirmed = ack.ok
+            if not confirmed:
+                log.warning("rollback: gateways %s did not confirm the old revisions: the new routes stay", [*ack.silent, *ack.behind])
+        if confirmed:
+            for name in names:
+                self.routed[name] = [before[name].plan] if name in before else []
+        await self._routes_step(names, wait=False)  # a silent sidecar gets it when it answers again
+
+    async def _recover(self, pending: PendingChange | None) -> None:
+        """After a restart, before any change (``start`` took the lock for this; released
+        here): wait for a gateway to reconnect and confirm the pipeline set, so that no
+        change is confirmed to a manager that no gateway hears (a gateway still serving
+        an older set would meet withdrawn routes). With a change a killed manager left
+        (``pending``): the gateways' sidecars get both revisions' routes first (the feed
+        is held until then), and once the gateways confirmed the new state the old routes
+        go and the change is finished. Each wait is bounded by ``recovery_timeout_s``;
+        what is not confirmed keeps its routes."""
+        bound = self.settings.recovery_timeout_s
+        names = pending.names if pending is not None else set()
+        try:
+            try:
+                if pending is not None:
+                    log.info("finishing the change a previous manager began on %s", sorted(names))
+                    started = time.monotonic()
+                    routed = await self.xds.wait_connected("gateway", bound) and (await self.xds.settle("gateway", PUSH_ORDER, bound)).ok
+                    if routed:
+                        log.info("recovery: the gateway sidecars hold the routes (%.1fs)", time.monotonic() - started)
+                    else:
+                        log.warning("recovery: no gateway sidecar confirmed the routes within %.1fs; gateways get the pipelines anyway", bound)
+                    await self.feed.release()
+                drain_s = _drain_s([p.old.plan for p in pending.puts if p.old] + [row.plan for row in pending.deletes]) if pending else 0.0
+                acked = await self.feed.wait_connected(bound) and (
+                    await self.feed.wait_acked(self.feed.version, self.settings.ack_timeout_s, drain_s + bound)
+                ).ok
+                if not acked:
+                    log.warning("start-up: no gateway confirmed the pipeline set within %.1fs; changes go on without", bound)
+                if pending is not None:
+                    if acked:
+                        for name in names:
+                            self.routed[name] = [self.served[name].plan] if name in self.served else []
+                        await self._routes_step(names, wait=False)
+                    else:
+                        log.warning("recovery: the old routes of %s stay", sorted(names))
+            except Exception:  # a bug must not leave the feed held or the change open forever
+                log.exception("start-up sync failed; going on as things stand")
+                await self.feed.release()
+            if pending is not None:
+                self.store.finish_change()  # (not when cancelled: the next start finishes it)
+                self._pending = None
+                log.info("finished the change on %s", sorted(names))
+        finally:
+            self._lock.release()
 
     # --- runtimes
     @property

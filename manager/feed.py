@@ -16,6 +16,13 @@ history of deltas; a stream further behind than that history, or whose coalesced
 change would be larger than the whole set, gets the whole set again. So a slow or
 silent gateway costs nothing to anyone else: no queue grows for it, and ``publish``
 never waits on a stream.
+
+``wait_acked`` answers a ``FeedAck`` that names the gateways (by node id) that did not
+confirm, so the manager can roll a change back rather than go on as if it had worked.
+
+Held feed: a manager restarted in the middle of a change (``manager.control``) must
+have Envoy's routes in place before any gateway gets the pipeline set, so it starts
+the feed ``held`` (streams get nothing) and ``release``s it once the routes are there.
 """
 
 from __future__ import annotations
@@ -50,9 +57,28 @@ class _Delta:
         return len(self.upserts) + len(self.removed)
 
 
+@dataclass(frozen=True, slots=True)
+class FeedAck:
+    """Whether every connected gateway acknowledged a version (true when it is ``ok``)."""
+
+    version: int
+    #: gateways (node ids) that did not say they received it within the ACK timeout
+    silent: tuple[str, ...] = ()
+    #: gateways that received it but did not acknowledge it (drained) within the drain timeout
+    behind: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.silent and not self.behind
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
 @dataclass(slots=True)
 class _Stream:
     id: int
+    node: str = ""  # the gateway's node id, from its first request
     sent: int = _NOT_SENT  # version of the last message written
     sent_at: float = 0.0  # when (monotonic)
     received: int = _NOT_SENT  # the gateway said it got this version
@@ -61,8 +87,9 @@ class _Stream:
 
 
 class PipelineFeed(pipeline_pb2_grpc.PipelineDiscoveryServicer):
-    def __init__(self, initial: Sequence[PipelinePlan] = (), *, history: int = 1024) -> None:
+    def __init__(self, initial: Sequence[PipelinePlan] = (), *, history: int = 1024, held: bool = False) -> None:
         self._version = 0
+        self._held = held
         self._plans: dict[str, PipelinePlan] = {p.name: p for p in initial}
         self._protos: dict[str, pipeline_pb2.Pipeline] = {n: to_proto(p) for n, p in self._plans.items()}
         self._history: deque[_Delta] = deque()
@@ -78,6 +105,25 @@ class PipelineFeed(pipeline_pb2_grpc.PipelineDiscoveryServicer):
     @property
     def version(self) -> int:
         return self._version
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    async def release(self) -> None:
+        """Let the streams of a ``held`` feed get their pipeline sets."""
+        async with self._changed:
+            self._held = False
+            self._changed.notify_all()
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """Wait until at least one gateway stream is open, at most ``timeout``."""
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(lambda: bool(self._streams)), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     @property
     def gateways(self) -> int:
@@ -114,16 +160,17 @@ class PipelineFeed(pipeline_pb2_grpc.PipelineDiscoveryServicer):
             self._changed.notify_all()
             return self._version
 
-    async def wait_acked(self, version: int, timeout: float, drain_timeout: float | None = None) -> bool:
+    async def wait_acked(self, version: int, timeout: float, drain_timeout: float | None = None) -> FeedAck:
         """Whether every connected gateway acknowledged ``version`` (or later) in time.
 
         Two deadlines: a gateway must say it *received* what it was sent within
         ``timeout``, or it is marked unresponsive and not waited for (now or at later
         changes) until it acknowledges the current version — so a stream that never
-        answers cannot stall changes for everyone else. A gateway that received but is
-        still draining requests on a revision it dropped is waited for up to
+        answers costs one ACK timeout, not a drain timeout, and cannot stall changes
+        for everyone else; it is named in ``silent`` each time. A gateway that received
+        but is still draining requests on a revision it dropped is waited for up to
         ``drain_timeout`` (the longest such request's stage timeouts), however much
-        longer than ``timeout`` that is."""
+        longer than ``timeout`` that is; named in ``behind`` if that runs out."""
         drain_timeout = max(drain_timeout or timeout, timeout)
         start = time.monotonic()
         async with self._changed:
@@ -133,13 +180,15 @@ class PipelineFeed(pipeline_pb2_grpc.PipelineDiscoveryServicer):
                 for s in waiting:
                     if s.received < s.sent and now - s.sent_at >= timeout:
                         s.unresponsive = True
-                        log.warning("gateway stream %d did not say it received v%d within %.1fs: not waited for until it catches up", s.id, s.sent, timeout)
+                        log.warning("gateway %s (stream %d) did not say it received v%d within %.1fs: not waited for until it catches up",
+                                    s.node or "?", s.id, s.sent, timeout)
                 waiting = [s for s in waiting if not s.unresponsive]
+                silent = tuple(sorted(s.node or f"stream-{s.id}" for s in self._streams.values() if s.acked < version and s.unresponsive))
                 if not waiting:
-                    return all(s.acked >= version for s in self._streams.values())
+                    return FeedAck(version, silent)
                 if now - start >= drain_timeout:
                     log.warning("pipelines v%d: gateway streams %s did not acknowledge within %.1fs", version, sorted(s.id for s in waiting), drain_timeout)
-                    return False
+                    return FeedAck(version, silent, tuple(sorted(s.node or f"stream-{s.id}" for s in waiting)))
                 deadlines = [start + drain_timeout] + [s.sent_at + timeout for s in waiting if s.received < s.sent]
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), max(0.0, min(deadlines) - now))
@@ -187,7 +236,9 @@ class PipelineFeed(pipeline_pb2_grpc.PipelineDiscoveryServicer):
 
     async def Watch(self, request_iterator, context):
         stream = _Stream(next(self._stream_ids))
-        self._streams[stream.id] = stream
+        async with self._changed:
+            self._streams[stream.id] = stream
+            self._changed.notify_all()  # wakes wait_connected
         peer = context.peer()
         log.info("gateway stream %d opened (%s)", stream.id, peer)
         reader = asyncio.create_task(self._read_acks(stream, request_iterator))
@@ -195,17 +246,23 @@ class PipelineFeed(pipeline_pb2_grpc.PipelineDiscoveryServicer):
             while True:
                 async with self._changed:
                     await self._changed.wait_for(
-                        lambda: reader.done() or (stream.acked >= stream.sent and self._version > stream.sent)
+                        lambda: reader.done() or (not self._held and stream.acked >= stream.sent and self._version > stream.sent)
                     )
                     if reader.done():
                         break
                     message = self._message_since(stream.sent)
                     stream.sent, stream.sent_at = self._version, time.monotonic()
+                    self._changed.notify_all()  # a wait_acked must start this stream's receipt deadline
                 await context.write(message)
         finally:
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # the peer may have vanished
+            try:
                 await reader
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # the peer vanished, or reading failed: say so, never swallow it
+                log.warning("gateway stream %d (%s): reading its acknowledgements failed: %s: %s",
+                            stream.id, peer, type(exc).__name__, exc)
             async with self._changed:
                 self._streams.pop(stream.id, None)
                 self._changed.notify_all()
@@ -214,6 +271,8 @@ class PipelineFeed(pipeline_pb2_grpc.PipelineDiscoveryServicer):
     async def _read_acks(self, stream: _Stream, request_iterator) -> None:
         try:
             async for request in request_iterator:
+                if not stream.node and request.node_id:
+                    stream.node = request.node_id[:128]
                 received = _version_number(stream, request.received_version, "received_version")
                 acked = _version_number(stream, request.ack_version, "ack_version")
                 if received is None and acked is None:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 from manager.digests import ModelDigestsOut
 from manager.models import ModelService
 from manager.schemas import LoadedModelOut, LoadModel, MeshInfo, ModelInfo, UploadedModel
-from sluice.errors import ApiError
+from sluice.errors import ApiError, error_responses
 
 router = APIRouter(prefix="/api/v1")
 
@@ -28,11 +28,13 @@ UPLOAD_PATH = r"^/api/v1/models/[^/]+$"
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 VERSION = r"^[A-Za-z0-9_.-]{1,64}$"
 
-_ERRORS = {
-    404: {"description": "no such model, version or runtime"},
-    409: {"description": "the model is used by pipelines (named in details)"},
-    503: {"description": "the repository or the runtime is unreachable"},
-}
+_ERRORS = error_responses(
+    404, 409, 502, 503,
+    s404="no such model, version or runtime",
+    s409="the model is used by pipelines (named in details)",
+    s502="the repository answered with an error",
+    s503="the repository or the runtime is unreachable",
+)
 
 
 def _models(request: Request) -> ModelService:
@@ -46,14 +48,15 @@ async def info(request: Request) -> MeshInfo:
     return MeshInfo(gateway_url=settings.gateway_url, repository_url=settings.repository_url, version=request.app.version)
 
 
-@router.get("/models", response_model=list[ModelInfo], tags=["models"], responses={503: _ERRORS[503]})
+@router.get("/models", response_model=list[ModelInfo], tags=["models"], responses={502: _ERRORS[502], 503: _ERRORS[503]})
 async def list_models(request: Request) -> list[ModelInfo]:
     """Every model in the repository: versions, signatures, file digests, and which runtimes serve each version."""
     return await _models(request).list()
 
 
-@router.get("/models/{name}", response_model=ModelInfo, tags=["models"], responses={404: _ERRORS[404], 503: _ERRORS[503]})
-async def get_model(name: str, request: Request) -> ModelInfo:
+@router.get("/models/{name}", response_model=ModelInfo, tags=["models"],
+            responses={404: _ERRORS[404], 502: _ERRORS[502], 503: _ERRORS[503], **error_responses(422, s422="not a model name")})
+async def get_model(request: Request, name: str = Path(pattern=MODEL_NAME)) -> ModelInfo:
     return await _models(request).get(name)
 
 
@@ -62,9 +65,12 @@ async def get_model(name: str, request: Request) -> ModelInfo:
     response_model=ModelDigestsOut,
     tags=["models"],
     responses={
-        404: {"description": "no such model or version in the repository"},
-        422: {"description": "not a version"},
-        502: {"description": "the repository's listing has an unsafe path or a malformed digest (nothing recorded)"},
+        **error_responses(
+            404, 422, 502,
+            s404="no such model or version in the repository",
+            s422="not a model name or not a version",
+            s502="the repository's listing has an unsafe path or a malformed digest (nothing recorded)",
+        ),
         503: _ERRORS[503],
     },
 )
@@ -86,11 +92,15 @@ async def model_digests(
     status_code=status.HTTP_201_CREATED,
     tags=["models"],
     responses={
-        400: {"description": "a malformed archive or a path that leaves the model's directory"},
-        409: {"description": "the upload's layout or config.pbtxt conflicts with the model's"},
-        413: {"description": "the upload is over the size limits"},
-        415: {"description": "not a tar, tar.gz or multipart body"},
-        422: {"description": "a broken model.json or config.pbtxt"},
+        **error_responses(
+            400, 409, 413, 415, 422,
+            s400="a malformed archive, a form part not named 'files', or a path that leaves the model's directory",
+            s409="the upload's layout or config.pbtxt conflicts with the model's",
+            s413="the upload is over the size limits",
+            s415="not a tar, tar.gz or multipart body",
+            s422="a broken model.json or config.pbtxt, or not a model name",
+        ),
+        502: _ERRORS[502],
         503: _ERRORS[503],
     },
     openapi_extra={
@@ -99,13 +109,17 @@ async def model_digests(
             "content": {
                 "application/gzip": {"schema": {"type": "string", "format": "binary"}},
                 "multipart/form-data": {
-                    "schema": {"type": "object", "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}
+                    "schema": {
+                        "type": "object",
+                        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                        "additionalProperties": False,  # every part is named 'files'
+                    }
                 },
             },
         }
     },
 )
-async def upload_model(name: str, request: Request) -> UploadedModel:
+async def upload_model(request: Request, name: str = Path(pattern=MODEL_NAME)) -> UploadedModel:
     """Upload a new version of a model (versions are immutable and numbered by the repository):
     a tar.gz of the version's files, or a multipart form of `files` whose file names are
     their paths. `model.json` makes a Sluice-layout model, `config.pbtxt` a Triton-layout one."""
@@ -115,21 +129,22 @@ async def upload_model(name: str, request: Request) -> UploadedModel:
     return await _models(request).upload(name, request.stream(), content_type, request.headers.get("authorization", ""))
 
 
-@router.delete("/models/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["models"], responses=_ERRORS)
-async def delete_model(name: str, request: Request, version: str | None = Query(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")) -> Response:
+@router.delete("/models/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["models"], responses={**_ERRORS, **error_responses(422, s422="not a model name or not a version")})
+async def delete_model(request: Request, name: str = Path(pattern=MODEL_NAME), version: str | None = Query(None, pattern=VERSION)) -> Response:
     """Delete a model (or one version), unloading it from runtimes first; refused while a pipeline uses it."""
     await _models(request).delete(name, version, request.headers.get("authorization", ""))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/runtimes/{name}/models", response_model=LoadedModelOut, tags=["runtimes"], responses={**_ERRORS, 422: {"description": "the runtime refused to load the model"}})
+@router.post("/runtimes/{name}/models", response_model=LoadedModelOut, tags=["runtimes"],
+             responses={**_ERRORS, **error_responses(400, 422, s422="the body does not validate, or the runtime refused to load the model")})
 async def load_model(name: str, body: LoadModel, request: Request) -> LoadedModelOut:
     """Load a model version onto every instance of a runtime, with no restart; recorded, so new instances load it too."""
     return await _models(request).load(name, body.model, body.version)
 
 
-@router.delete("/runtimes/{name}/models/{model}", status_code=status.HTTP_204_NO_CONTENT, tags=["runtimes"], responses=_ERRORS)
-async def unload_model(name: str, model: str, request: Request, version: str | None = Query(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")) -> Response:
+@router.delete("/runtimes/{name}/models/{model}", status_code=status.HTTP_204_NO_CONTENT, tags=["runtimes"], responses={**_ERRORS, **error_responses(422, s422="not a model name or not a version")})
+async def unload_model(name: str, request: Request, model: str = Path(pattern=MODEL_NAME), version: str | None = Query(None, pattern=VERSION)) -> Response:
     """Unload a model (or one version) from every instance of a runtime; refused while a pipeline needs it."""
     await _models(request).unload(name, model, version)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -8,14 +8,26 @@ resolve to the same list of stages.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema, WithJsonSchema
 
 from sluice.plan import StagePlan
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 _CHAIN_ENTRY = re.compile(r"^(?P<runtime>[A-Za-z0-9][A-Za-z0-9_.-]*)/(?P<model>[A-Za-z0-9][A-Za-z0-9_.-]*)(?::(?P<version>[A-Za-z0-9_.-]+))?$")
+
+
+def _integral(value):
+    """JSON Schema's integers include 2.0: take it as 2 (a strict model refuses floats)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(**constraints):
+    """An integer as JSON states it (2 or 2.0, not "2" or 2.5; request models are strict),
+    with ``Field`` constraints (placed so that they reach the JSON Schema)."""
+    return Annotated[int, Field(**constraints), BeforeValidator(_integral)]
 
 
 class TensorSpecModel(BaseModel):
@@ -25,13 +37,13 @@ class TensorSpecModel(BaseModel):
 
 
 class StageSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     runtime: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     version: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     name: str | None = None
-    timeout_ms: int | None = Field(None, gt=0, le=600_000)
+    timeout_ms: json_int(gt=0, le=600_000) | None = None
     #: input tensor -> output tensor of the previous stage (default: same name, or the only one)
     inputs: dict[str, str] | None = None
 
@@ -47,15 +59,33 @@ def parse_chain_entry(entry: str) -> StageSpec:
     return StageSpec(runtime=match["runtime"], model=match["model"], version=match["version"])
 
 
-class PipelineSpec(BaseModel):
-    """A pipeline definition as users POST it."""
+#: a chain entry, as JSON Schema states it (the same rule as ``_CHAIN_ENTRY``, without group names)
+CHAIN_ENTRY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(?::[A-Za-z0-9_.-]+)?$"
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+class PipelineSpec(BaseModel):
+    """A pipeline definition as users POST it: exactly one of ``chain`` or ``stages``
+    (stated in the OpenAPI as a ``oneOf`` of the two required sets, neither nullable)."""
+
+    model_config = ConfigDict(
+        strict=True,  # JSON types as the schema states them: no "1" for 1, no 0 for false
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra={"oneOf": [{"required": ["chain"]}, {"required": ["stages"]}]},
+    )
 
     name: str = Field(pattern=NAME)
     transportType: Literal["http", "grpc"] = "http"
-    chain: list[str] | None = Field(None, min_length=1, max_length=64)
-    stages: list[StageSpec] | None = Field(None, min_length=1, max_length=64)
+    #: entries are checked by ``parse_chain_entry`` (its message shows the expected form); the schema states the same rule
+    chain: Annotated[list[Annotated[str, WithJsonSchema({"type": "string", "pattern": CHAIN_ENTRY_PATTERN})]], Field(min_length=1, max_length=64)] | SkipJsonSchema[None] = None
+    stages: Annotated[list[StageSpec], Field(min_length=1, max_length=64)] | SkipJsonSchema[None] = None
+
+    @field_validator("chain", "stages", mode="before")
+    @classmethod
+    def _not_null(cls, value):
+        if value is None:  # only a value sent is checked: null is not a way to leave one out
+            raise ValueError("must be a list, not null (leave the field out instead)")
+        return value
 
     @model_validator(mode="after")
     def _one_form(self) -> "PipelineSpec":
@@ -104,7 +134,7 @@ class PipelineOut(BaseModel):
 class ApplyRequest(BaseModel):
     """A declarative set of pipelines, applied as one change."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     pipelines: list[PipelineSpec] = Field(max_length=100_000)
     #: also delete every pipeline not listed
@@ -123,12 +153,12 @@ class RuntimeRegistration(BaseModel):
     """What a runtime instance says about itself when it registers. The instance's id is
     the manager's to give (``Registered.instance_id``): a client cannot choose one."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     kind: str = Field("oip", max_length=64)
     host: str = Field(min_length=1, max_length=253)
-    port: int = Field(gt=0, lt=65536)
+    port: json_int(gt=0, lt=65536)
     #: model names (optionally ``name:version``); empty: ask the server's repository index
     models: list[str] = Field(default_factory=list, max_length=1024)
 
@@ -142,7 +172,7 @@ class Registered(BaseModel):
 class TokenRequest(BaseModel):
     """``POST /api/v1/tokens``: the scopes of a new token and its lifetime."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     #: admin, deploy, runtime:<runtime>, serve:<pipeline>, serve:*
     scopes: list[str] = Field(min_length=1, max_length=256)
@@ -238,7 +268,7 @@ class UploadedModel(BaseModel):
 class LoadModel(BaseModel):
     """Load a model version from the repository onto every instance of a runtime."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     #: default: the repository's latest version at the time of the call

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -20,10 +21,40 @@ class ManagerSettings(BaseSettings):
     heartbeat_interval_s: float = Field(2.0, gt=0)
     #: how long an update waits for Envoys/gateways to acknowledge a step before going on
     ack_timeout_s: float = Field(5.0, gt=0)
+    #: a restarted manager waits this long (per step) for a gateway's sidecar and a gateway to
+    #: reconnect and confirm before the next change, and before finishing a change a killed
+    #: manager left; then it goes on without them
+    recovery_timeout_s: float = Field(10.0, gt=0)
+    #: TEST-ONLY fault hook, off when empty: revisions (``name@revision``, comma-separated)
+    #: whose routes the manager makes invalid so that Envoy rejects them (``xds.layers``)
+    fault_nack_revisions: str = ""
     #: default per-stage timeout when a pipeline does not set one
     stage_timeout_ms: int = Field(10_000, gt=0)
     #: retries Envoy makes on a failed stage call (connect failures, resets, UNAVAILABLE)
     stage_retries: int = Field(2, ge=0)
+    #: circuit breakers on each runtime's cluster (all its instances together, per gateway
+    #: sidecar; ``manager.xds.limits``): concurrent stage calls, calls waiting for a connection,
+    #: connections, concurrent retries; more is answered 503 at once (the gateway names the stage)
+    runtime_max_requests: int = Field(512, ge=1)
+    runtime_max_pending: int = Field(128, ge=1)
+    runtime_max_connections: int = Field(128, ge=1)
+    runtime_max_retries: int = Field(64, ge=1)
+    #: per-runtime ``max_requests``: ``"<runtime>=<n>,..."`` (the others get runtime_max_requests)
+    runtime_limits: str = ""
+    #: circuit breakers on the gateway sidecar's local cluster: concurrent requests (and
+    #: connections) to the gateway process, and requests waiting for one; beyond: 503
+    gateway_max_requests: int = Field(512, ge=1)
+    gateway_max_pending: int = Field(128, ge=1)
+    #: the ``Retry-After`` (seconds) of an overflow's 503
+    retry_after_s: int = Field(1, ge=1)
+
+    @field_validator("runtime_limits")
+    @classmethod
+    def _runtime_limits(cls, value: str) -> str:
+        from manager.xds.limits import parse_overrides
+
+        parse_overrides(value)
+        return value
     #: deadline for reading a runtime's model signatures over OIP when it registers
     metadata_timeout_s: float = Field(3.0, gt=0)
     #: bind address of the listeners the manager pushes to sidecars
@@ -73,6 +104,12 @@ class ManagerSettings(BaseSettings):
     #: lifetime of the certificates the manager issues (sidecars over SDS, its own);
     #: each is renewed at two thirds of it
     cert_ttl_s: float = Field(3600.0, ge=2)
+
+    @property
+    def fault_nack(self) -> frozenset[tuple[str, int]]:
+        """``fault_nack_revisions`` parsed: {(name, revision)}."""
+        pairs = (item.strip().rpartition("@") for item in self.fault_nack_revisions.split(","))
+        return frozenset((name, int(rev)) for name, _, rev in pairs if name and rev.isdigit())
 
     @property
     def data_path(self) -> str:

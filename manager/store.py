@@ -5,6 +5,20 @@ revocation; never the tokens themselves), so a restarted manager serves the same
 
 One connection, WAL journal, every write in a transaction (a bulk apply is one).
 Calls are synchronous and sub-millisecond; the manager is not on the request path.
+
+Durability: ``synchronous=FULL``: every commit is fsync'd (the WAL) before it returns,
+so a change the API confirmed survives a power loss too, not only a killed process
+(``NORMAL`` in WAL mode may lose the last commits on power loss). Config writes are
+rare (a pipeline change waits on Envoy acknowledgements anyway), so the fsync is free.
+
+Crash ordering of pipeline changes: ``begin_change`` writes, in one transaction, the
+new state (rows created or replaced; rows to delete stay but are hidden) and a
+``pipeline_changes`` row per touched pipeline holding its previous row (the intent).
+The steps that follow (routes, gateways, withdrawal) are finished by
+``finish_change`` (deletes the hidden rows and the intent, one transaction) or undone
+by ``abort_change`` (restores the previous rows). A manager killed at any step finds
+the intent on start-up (``pending_change``) and finishes the change (``manager.control``),
+so the store, Envoy and gateways end in the new state, or, after an abort, the old one.
 A pipeline is stored as its definition (what the user sent) and its resolved plan
 (``sluice.plan``, in its wire form). ``PRAGMA user_version`` numbers the schema;
 older files are migrated on open.
@@ -26,7 +40,7 @@ from sluice.plan_proto import from_bytes, to_bytes
 from sluice.tensors import TensorSpec
 
 #: the schema this code writes; see _migrate for the older ones it reads
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipelines (
@@ -68,6 +82,14 @@ CREATE TABLE IF NOT EXISTS model_digests (  -- schema version 2
     recorded_at REAL NOT NULL,
     PRIMARY KEY (model, version, path)
 );
+CREATE TABLE IF NOT EXISTS pipeline_changes (  -- schema version 4: the change under way (intent)
+    name TEXT PRIMARY KEY,
+    action TEXT NOT NULL,  -- 'put' (created or replaced) or 'delete'
+    old_definition TEXT,  -- the previous row (NULL: the change creates the pipeline)
+    old_plan BLOB,
+    old_created_at REAL,
+    old_updated_at REAL
+);
 CREATE TABLE IF NOT EXISTS tokens (  -- schema version 3: API tokens, never their secrets
     id TEXT PRIMARY KEY,
     scopes TEXT NOT NULL,
@@ -92,6 +114,26 @@ class PipelineRow:
     @property
     def revision(self) -> int:
         return self.plan.revision
+
+
+@dataclass(frozen=True)
+class PendingPut:
+    """A pipeline a change under way creates (``old`` None) or replaces."""
+
+    old: PipelineRow | None
+    new: PipelineRow
+
+
+@dataclass(frozen=True)
+class PendingChange:
+    """The change a manager had begun and not finished (read on start-up)."""
+
+    puts: tuple[PendingPut, ...]
+    deletes: tuple[PipelineRow, ...]
+
+    @property
+    def names(self) -> set[str]:
+        return {p.new.name for p in self.puts} | {r.name for r in self.deletes}
 
 
 @dataclass(frozen=True)
@@ -165,7 +207,7 @@ class Store:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # see the module docstring
         with self._transaction():
             self._migrate()
             for statement in _SCHEMA.split(";"):
@@ -190,7 +232,8 @@ class Store:
         (created with the rest of _SCHEMA: nothing to convert; versions loaded before
         have their digests recorded on first use). Version 2 -> 3 adds ``tokens`` (created
         with _SCHEMA) and each instance's resolved ``ip`` and registering ``token_id``
-        (empty for instances registered before: restored only when the host is an IP)."""
+        (empty for instances registered before: restored only when the host is an IP).
+        Version 3 -> 4 adds ``pipeline_changes`` (created with _SCHEMA: nothing to convert)."""
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(pipelines)")}
         if "stages" in columns:  # version 0: stages as JSON dicts -> plans, in the open transaction
             rows = self._db.execute("SELECT name, revision, definition, stages, created_at, updated_at FROM pipelines").fetchall()
@@ -217,13 +260,17 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    # --- pipelines
+    # --- pipelines (rows a change under way deletes are hidden: they are gone in its new state)
+    _LIVE = "NOT EXISTS (SELECT 1 FROM pipeline_changes c WHERE c.name = pipelines.name AND c.action = 'delete')"
+
     def pipelines(self) -> list[PipelineRow]:
-        rows = self._db.execute("SELECT definition, plan, created_at, updated_at FROM pipelines ORDER BY name").fetchall()
+        rows = self._db.execute(f"SELECT definition, plan, created_at, updated_at FROM pipelines WHERE {self._LIVE} ORDER BY name").fetchall()
         return [self._pipeline(r) for r in rows]
 
     def pipeline(self, name: str) -> PipelineRow | None:
-        row = self._db.execute("SELECT definition, plan, created_at, updated_at FROM pipelines WHERE name = ?", (name,)).fetchone()
+        row = self._db.execute(
+            f"SELECT definition, plan, created_at, updated_at FROM pipelines WHERE name = ? AND {self._LIVE}", (name,)
+        ).fetchone()
         return self._pipeline(row) if row else None
 
     def put_pipeline(self, definition: dict, plan: PipelinePlan) -> PipelineRow:
@@ -232,21 +279,24 @@ class Store:
 
     def put_pipelines(self, items: list[tuple[dict, PipelinePlan]]) -> list[PipelineRow]:
         """Create or replace pipelines, all in one transaction."""
-        now = time.time()
         with self._transaction():
-            self._db.executemany(
-                """INSERT INTO pipelines (name, revision, definition, plan, created_at, updated_at)
-                   VALUES (?, ?, ?, ?, ?, ?)
-                   ON CONFLICT(name) DO UPDATE SET revision=excluded.revision,
-                     definition=excluded.definition, plan=excluded.plan, updated_at=excluded.updated_at""",
-                [(plan.name, plan.revision, json.dumps(definition), to_bytes(plan), now, now) for definition, plan in items],
-            )
-            created = dict(
-                self._db.execute(
-                    f"SELECT name, created_at FROM pipelines WHERE name IN ({','.join('?' * len(items))})",
-                    [plan.name for _, plan in items],
-                ).fetchall()
-            ) if items else {}
+            return self._put(items)
+
+    def _put(self, items: list[tuple[dict, PipelinePlan]]) -> list[PipelineRow]:
+        now = time.time()
+        self._db.executemany(
+            """INSERT INTO pipelines (name, revision, definition, plan, created_at, updated_at)
+               VALUES (?, ?, ?, ?, ?, ?)
+               ON CONFLICT(name) DO UPDATE SET revision=excluded.revision,
+                 definition=excluded.definition, plan=excluded.plan, updated_at=excluded.updated_at""",
+            [(plan.name, plan.revision, json.dumps(definition), to_bytes(plan), now, now) for definition, plan in items],
+        )
+        created = dict(
+            self._db.execute(
+                f"SELECT name, created_at FROM pipelines WHERE name IN ({','.join('?' * len(items))})",
+                [plan.name for _, plan in items],
+            ).fetchall()
+        ) if items else {}
         return [PipelineRow(definition, plan, created[plan.name], now) for definition, plan in items]
 
     def delete_pipeline(self, name: str) -> bool:
@@ -256,6 +306,68 @@ class Store:
         """Delete pipelines in one transaction; how many existed."""
         with self._transaction():
             return sum(self._db.execute("DELETE FROM pipelines WHERE name = ?", (n,)).rowcount for n in names)
+
+    # --- a pipeline change in steps: begin (intent + new state), then finish or abort
+    def begin_change(self, puts: list[tuple[dict, PipelinePlan]], deletes: list[str]) -> list[PipelineRow]:
+        """In one transaction: remember each touched pipeline's row as it is (the intent),
+        write the created and replaced rows, hide the deleted ones. One change at a time:
+        a change still pending (a crash before ``finish_change``) must be finished first."""
+        with self._transaction():
+            if self._db.execute("SELECT 1 FROM pipeline_changes LIMIT 1").fetchone() is not None:
+                raise RuntimeError("a pipeline change is already under way: finish or abort it first")
+            names = [plan.name for _, plan in puts]
+            if set(names) & set(deletes):
+                raise ValueError(f"pipelines both put and deleted: {sorted(set(names) & set(deletes))}")
+            for action, name in [*(("put", n) for n in names), *(("delete", n) for n in deletes)]:
+                self._db.execute(
+                    """INSERT INTO pipeline_changes (name, action, old_definition, old_plan, old_created_at, old_updated_at)
+                       SELECT ?, ?, p.definition, p.plan, p.created_at, p.updated_at
+                       FROM (SELECT 1) LEFT JOIN pipelines p ON p.name = ?""",
+                    (name, action, name),
+                )
+            return self._put(puts)
+
+    def finish_change(self) -> None:
+        """The change under way reached every step: drop the deleted rows and the intent."""
+        with self._transaction():
+            self._db.execute("DELETE FROM pipelines WHERE name IN (SELECT name FROM pipeline_changes WHERE action = 'delete')")
+            self._db.execute("DELETE FROM pipeline_changes")
+
+    def abort_change(self) -> None:
+        """The change under way was rolled back: every touched pipeline's previous row again."""
+        with self._transaction():
+            changes = self._db.execute(
+                "SELECT name, old_definition, old_plan, old_created_at, old_updated_at FROM pipeline_changes"
+            ).fetchall()
+            for name, definition, plan, created, updated in changes:
+                if plan is None:  # created by the change
+                    self._db.execute("DELETE FROM pipelines WHERE name = ?", (name,))
+                else:
+                    self._db.execute(
+                        "UPDATE pipelines SET revision = ?, definition = ?, plan = ?, created_at = ?, updated_at = ? WHERE name = ?",
+                        (from_bytes(plan).revision, definition, plan, created, updated, name),
+                    )
+            self._db.execute("DELETE FROM pipeline_changes")
+
+    def pending_change(self) -> PendingChange | None:
+        """The change begun and neither finished nor aborted (the manager was killed), if any."""
+        rows = self._db.execute(
+            """SELECT c.name, c.action, c.old_definition, c.old_plan, c.old_created_at, c.old_updated_at,
+                      p.definition, p.plan, p.created_at, p.updated_at
+               FROM pipeline_changes c LEFT JOIN pipelines p ON p.name = c.name ORDER BY c.name"""
+        ).fetchall()
+        if not rows:
+            return None
+        puts, deletes = [], []
+        for name, action, *rest in rows:
+            old = self._pipeline(tuple(rest[:4])) if rest[1] is not None else None
+            new = self._pipeline(tuple(rest[4:])) if rest[5] is not None else None
+            if action == "delete":
+                if old is not None:
+                    deletes.append(old)
+            elif new is not None:
+                puts.append(PendingPut(old, new))
+        return PendingChange(tuple(puts), tuple(deletes))
 
     @staticmethod
     def _pipeline(row: tuple) -> PipelineRow:

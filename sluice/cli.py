@@ -31,11 +31,13 @@ console = Console()
 def up(
     workdir: Path = typer.Option(None, help="state, logs and Envoy bootstraps (default $SLUICE_HOME, else .sluice/)"),
     secure: bool = typer.Option(False, "--secure", help="tokens on the REST API and the gateway; writes an admin token to <workdir>/admin.token"),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="processes of every runtime (each with its own sidecar, one cluster) and of the gateway (behind its one sidecar)"),
 ) -> None:
     """Start manager, repository, runtimes and gateway, each with its Envoy sidecar; a process
     that dies is restarted (with back-off); Ctrl-C (or SIGTERM) stops all."""
     tracing = zipkin.java() is not None and zipkin.jar_path() is not None
-    mesh = LocalMesh(workdir or workdir_default(), default_runtimes(), MeshPorts(), zipkin_port=9411 if tracing else None, secure=secure)
+    mesh = LocalMesh(workdir or workdir_default(), default_runtimes(), MeshPorts(), zipkin_port=9411 if tracing else None,
+                     secure=secure, replicas=replicas)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: (stop.set(), mesh.abort()))  # also ends a ready-check in progress
@@ -77,12 +79,15 @@ def _print_services(mesh: LocalMesh) -> None:
     p = mesh.ports
     console.print(f"manager     REST {mesh.manager_url}/api/v1 (docs {mesh.manager_url}/docs), xDS 127.0.0.1:{p.xds}")
     console.print(f"repository  {mesh.repository_url}/models")
-    for r in mesh.runtimes:
+    for key, r in mesh.runtime_instances.items():
         console.print(
-            f"runtime     {r.name} ({r.kind}) OIP gRPC 127.0.0.1:{r.local_port} (its sidecar, mTLS: {r.public_port}), models {', '.join(r.models)}, "
-            f"metrics http://127.0.0.1:{r.metrics_port}/metrics"
+            f"runtime     {r.name} ({r.kind}{', ' + key if mesh.replicas > 1 else ''}) OIP gRPC 127.0.0.1:{r.local_port} "
+            f"(its sidecar, mTLS: {r.public_port}), models {', '.join(r.models)}, metrics http://127.0.0.1:{r.metrics_port}/metrics"
         )
     console.print(f"gateway     {mesh.gateway_url}/serve/<pipeline> (HTTP and OIP gRPC), metrics {mesh.gateway_url}/metrics")
+    if mesh.replicas > 1:
+        console.print(f"            {mesh.replicas} gateway processes behind its sidecar: "
+                      + ", ".join(f"{key} (127.0.0.1:{g.http}, gRPC {g.grpc})" for key, g in mesh.gateway_instances.items()))
     if mesh.zipkin_port:
         console.print(f"zipkin      {mesh.zipkin_url}/zipkin/ (one trace per request; x-trace-id on every answer)")
     else:
@@ -124,6 +129,28 @@ def status(
     for r in runtimes:
         table.add_row(r["name"], r["kind"], _instances_health(r["instances"]), ", ".join(m["name"] for m in r["models"]))
     console.print(table)
+    _print_sidecars(manager, headers)
+
+
+def _print_sidecars(manager: str, headers: dict[str, str]) -> None:
+    """Every Envoy sidecar the manager knows (connected to its xDS server or not, NACKs) and
+    how many gateway processes follow its pipeline feed (``/api/v1/mesh``)."""
+    try:
+        response = httpx.get(f"{manager}/api/v1/mesh", timeout=5, headers=headers)
+    except httpx.HTTPError:
+        return
+    if not response.is_success:
+        return
+    mesh = response.json()
+    table = Table(title="sidecars")
+    for column in ("node", "role", "service", "xDS", "NACKs"):
+        table.add_column(column)
+    for node_id, node in mesh["nodes"].items():
+        table.add_row(node_id, node["role"], node["service"],
+                      "connected" if node["connected"] else "[red]disconnected[/red]", str(node["nacks"]))
+    console.print(table)
+    gateways = mesh["gateways"]
+    console.print(f"gateway processes following the pipeline feed: {gateways if gateways else '[red]none[/red]'}")
 
 
 def _instances_health(instances: list[dict]) -> str:

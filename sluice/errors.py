@@ -2,7 +2,9 @@
 
 ``{"error": {"code": "...", "message": "...", "details": {...}}}`` with the right
 HTTP status. Validation errors, unknown routes and unexpected exceptions all come out
-in this shape; a traceback never reaches a client.
+in this shape; a traceback never reaches a client; a 405 names every allowed method in
+``Allow``. ``error_responses`` documents these answers in an operation's OpenAPI
+(``ErrorBody``), so the document says which errors each operation gives, in which shape.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from typing import Any
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.routing import Match
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,49 @@ class ApiError(Exception):
         self.details = details
 
 
+class ErrorDetail(BaseModel):
+    """What went wrong: a stable code, a sentence for people, and structured details."""
+
+    code: str
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ErrorBody(BaseModel):
+    """Every API error's body (OpenAPI documentation; the handlers write it with orjson)."""
+
+    error: ErrorDetail
+
+
+#: what each error status means when an operation does not say more
+_MEANINGS = {
+    400: "the body cannot be read (not JSON, not UTF-8, or not the declared encoding)",
+    401: "no valid token",
+    403: "the token's scopes do not allow this",
+    404: "no such resource",
+    405: "method not allowed (the Allow header lists the allowed ones)",
+    409: "conflicts with the current state",
+    413: "request body over the limit",
+    415: "unsupported content type",
+    422: "the request does not validate (details list the problems)",
+    429: "overloaded: retry later (Retry-After)",
+    500: "internal error",
+    502: "an upstream service answered something unusable",
+    503: "a service this call needs is unavailable",
+    504: "an upstream service timed out",
+}
+
+
+def error_responses(*statuses: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses, each with the project's error body:
+    ``error_responses(404, 422, s409="the pipeline exists")`` (``s<status>=`` overrides
+    the default description)."""
+    return {
+        status: {"model": ErrorBody, "description": descriptions.get(f"s{status}", _MEANINGS.get(status, "error"))}
+        for status in statuses
+    }
+
+
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> bytes:
     return orjson.dumps({"error": {"code": code, "message": message, "details": details or {}}})
 
@@ -55,6 +102,17 @@ def error_response(status: int, message: str, code: str | None = None, **details
         status_code=status,
         media_type="application/json",
     )
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the routes matching the request's path take (Starlette's own 405
+    names only the first route's, though several routes may share a path)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= set(route_methods)
+    return sorted(methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -73,8 +131,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, f"{where}: {first['msg']}", "invalid", problems=problems)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(exc.status_code, str(exc.detail))
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        response = error_response(exc.status_code, str(exc.detail))
+        for key, value in (exc.headers or {}).items():
+            response.headers[key] = value
+        if exc.status_code == 405:  # RFC 9110: Allow lists every method the path takes
+            response.headers["Allow"] = ", ".join(allowed_methods(request))
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

@@ -362,6 +362,9 @@ def _column_array(column: list[Any], spec: TensorSpec) -> np.ndarray:
         raise TensorError(f"field {spec.name!r} must hold {spec.datatype} values") from None
     if _has_text(column):
         raise TensorError(f"field {spec.name!r} must hold {spec.datatype} values, got strings")
+    if not _leaves_are(column, _JSON_KIND.get(dtype.kind, _is_number)):
+        # NumPy would read true as 1.0, null as NaN and 0 as False: refused, not guessed
+        raise TensorError(f"field {spec.name!r} must hold {spec.datatype} values" + {"b": ", got a non-boolean", "f": ", got null or a boolean"}.get(dtype.kind, ", got null, a boolean or a fraction"))
     expected_rank = max(len(spec.shape), 1)
     if arr.ndim != expected_rank:
         raise TensorError(f"field {spec.name!r} must have shape {list(spec.shape)}, got rank {arr.ndim}")
@@ -369,6 +372,24 @@ def _column_array(column: list[Any], spec: TensorSpec) -> np.ndarray:
         if want != -1 and got != want:
             raise TensorError(f"field {spec.name!r} must have shape {list(spec.shape)}, got {list(arr.shape)}")
     return arr
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_integer(value: Any) -> bool:
+    """An integer as JSON Schema counts them: 2 and 2.0, not 2.5 (NumPy would truncate it)."""
+    return _is_number(value) and (isinstance(value, int) or value.is_integer())
+
+
+#: what a JSON value must be for a tensor of each NumPy kind (others: any number)
+_JSON_KIND = {"b": lambda v: isinstance(v, bool), "i": _is_integer, "u": _is_integer}
+
+
+def _leaves_are(values: list[Any], test) -> bool:
+    """Whether ``test`` holds for every value, at any list depth."""
+    return all(_leaves_are(v, test) if isinstance(v, list) else test(v) for v in values)
 
 
 def _has_text(values: list[Any]) -> bool:

@@ -20,7 +20,7 @@ from manager.auth.tokens import TokenService
 from manager.schemas import TokenInfo, TokenIssued, TokenRequest
 from manager.store import Store, TokenRow
 from manager.xds.ingress_auth import IngressAuth
-from sluice.errors import ApiError
+from sluice.errors import ApiError, error_responses
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _info(row: TokenRow, now: float) -> TokenInfo:
 
 
 @router.post("/tokens", response_model=TokenIssued, status_code=status.HTTP_201_CREATED, tags=["tokens"],
-             responses={409: {"description": "auth is off (dev mode)"}, 422: {"description": "an unknown scope or a bad ttl_s"}})
+             responses=error_responses(400, 409, 422, s409="auth is off (dev mode)", s422="an unknown scope or a bad ttl_s"))
 async def create_token(body: TokenRequest, request: Request) -> TokenIssued:
     """Issue a token with these scopes (``admin``, ``deploy``, ``runtime:<runtime>``,
     ``serve:<pipeline>``, ``serve:*``); the answer is the only place the token appears."""
@@ -84,7 +84,7 @@ async def create_token(body: TokenRequest, request: Request) -> TokenIssued:
     return TokenIssued(token=issued.token, id=issued.row.id, scopes=list(issued.row.scopes), expires_at=issued.row.expires_at)
 
 
-@router.get("/tokens", response_model=list[TokenInfo], tags=["tokens"])
+@router.get("/tokens", response_model=list[TokenInfo], tags=["tokens"], responses=error_responses(409, s409="auth is off (dev mode)"))
 async def list_tokens(request: Request) -> list[TokenInfo]:
     """Every token issued: id, scopes, times, status; never the token itself."""
     now = time.time()
@@ -92,7 +92,7 @@ async def list_tokens(request: Request) -> list[TokenInfo]:
 
 
 @router.delete("/tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT, tags=["tokens"],
-               responses={404: {"description": "no such token"}})
+               responses=error_responses(404, 409, s404="no such token", s409="auth is off (dev mode)"))
 async def revoke_token(token_id: str, request: Request) -> Response:
     """Revoke a token: refused by every sidecar once this answers (within a second)."""
     tokens = _tokens(request)

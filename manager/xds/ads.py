@@ -104,7 +104,7 @@ class _Stream:
             await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first request must carry the node")
         node = NodeInfo.from_node(request.node.id, request.node.cluster, request.node.metadata)
         claims = self.claims
-        if (node.id, node.role, node.service) != (claims.node_id, claims.role, claims.service):
+        if not claims.admits(node.id) or (node.role, node.service) != (claims.role, claims.service):
             log.warning("xDS: refused node %s (%s, service %s): its token is for %s (%s, service %s)",
                         node.id, node.role, node.service, claims.node_id, claims.role, claims.service)
             await self.context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this token is for node {claims.node_id!r} ({claims.role}, {claims.service})")
@@ -206,6 +206,7 @@ class _DeltaType:
     nonce: str = ""
     pending: bool = False
     pending_version: str = ""
+    rejected_version: str = ""  # the last version Envoy refused: never reported as acknowledged
     answer: bool = False  # Envoy waits for a first answer to a new subscription, even an empty one
 
 
@@ -225,13 +226,20 @@ class DeltaStream(_Stream):
                 return  # stale
             state.pending = False
             if request.HasField("error_detail"):
+                state.rejected_version = state.pending_version
                 self._nacked(request.type_url, state.pending_version, request)
             else:
+                state.rejected_version = ""
                 self.callbacks.on_ack(self.node.id, request.type_url, state.pending_version)
         if not state.open:
             state.open = True
             state.answer = True
-            state.known.update(request.initial_resource_versions)
+            if request.type_url != ENDPOINT:
+                # endpoints are always sent again on a new stream: a cluster that Envoy (re)made
+                # around the reconnect waits warming for its assignment even when Envoy's
+                # mux already lists that version (seen after manager restarts: the cluster
+                # stayed warming until its initial fetch timed out)
+                state.known.update(request.initial_resource_versions)
             # the legacy wildcard: a first request naming nothing subscribes to everything
             state.wildcard = not request.resource_names_subscribe or "*" in request.resource_names_subscribe
             state.generations.clear()
@@ -289,7 +297,8 @@ class DeltaStream(_Stream):
             state.generations = {layer.lineage: layer.generation for layer in snapshot.layers.get(type_url, ())}
             version = snapshot.version(type_url)
             if not upserts and not removals and not state.answer:
-                self.callbacks.on_ack(self.node.id, type_url, version)  # nothing Envoy needs: settled as it is
+                if version != state.rejected_version:  # (a refused version stays refused)
+                    self.callbacks.on_ack(self.node.id, type_url, version)  # nothing Envoy needs: settled as it is
                 continue
             await self._send(type_url, version, upserts, removals, state)
             if type_url == CLUSTER:

@@ -11,7 +11,15 @@ mints them in-process, ``python -m manager.ca bootstrap`` writes them for compos
 The token is checked when a stream opens, before anything is read from it or sent on
 it; then the node a stream announces must be the one its token names (id, role,
 service) — a token for one node does not work for another — and only a gateway's
-token opens ``PipelineDiscovery.Watch``. Since a sidecar's certificate (its SDS
+token opens ``PipelineDiscovery.Watch``.
+
+A token may name a node id *prefix* instead, ending in ``*`` (``runtime-scikit-*``):
+it admits any node id that starts with the prefix and goes on (letters, digits, ``.``,
+``-``, ``_``), for the same role and service only. That is how replicas share one token
+(Kubernetes: the node id is ``<prefix><pod name>``, unique per pod, while the Secret
+holding the token is one per role and service; see deploy/k8s). It grants nothing a
+per-node token of the same role and service would not: certificates are per role and
+service anyway. Since a sidecar's certificate (its SDS
 secret) travels on this channel, the token is what stands between a stranger and
 the mesh's identities.
 """
@@ -23,6 +31,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -39,11 +48,22 @@ SECRET_FILE = "xds-join.key"
 _VERSION = "v1"
 
 
+#: what may follow a wildcard token's prefix (a pod name is a DNS label)
+_SUFFIX = re.compile(r"[A-Za-z0-9._-]{1,200}")
+
+
 @dataclass(frozen=True)
 class NodeClaims:
-    node_id: str
+    node_id: str  # one node id, or a prefix ending in "*" (see the module docstring)
     role: str
     service: str
+
+    def admits(self, node_id: str) -> bool:
+        """Whether a stream announcing ``node_id`` is the node (or one of the nodes) this token names."""
+        if not self.node_id.endswith("*"):
+            return node_id == self.node_id
+        prefix = self.node_id[:-1]
+        return node_id.startswith(prefix) and _SUFFIX.fullmatch(node_id[len(prefix):]) is not None
 
 
 def _b64(data: bytes) -> str:
@@ -130,7 +150,7 @@ class AuthenticatedFeed(pipeline_pb2_grpc.PipelineDiscoveryServicer):
 
         async def checked() -> AsyncIterator:
             async for request in request_iterator:
-                if request.node_id and request.node_id != claims.node_id:
+                if request.node_id and not claims.admits(request.node_id):
                     impostor.append(request.node_id)
                     return  # ends the feed's stream; refused below
                 yield request

@@ -13,6 +13,12 @@ gets a layer of its own SDS secrets: a certificate for its identity from the mes
 and the CA itself. ``rotate_due`` re-issues the certificates past two thirds of their
 life; the new secret goes out as one changed resource, new connections use it, and
 open connections (and the requests on them) are left alone.
+
+Test-only fault hook (``fault_nack``, from ``SLUICE_MANAGER_FAULT_NACK_REVISIONS``; empty,
+hence off, unless that setting names revisions): a pipeline scope that holds a listed
+revision (``name@revision``) gets a route whose header match is an invalid regex, so a
+real Envoy rejects it (NACK). It exists so tests can make Envoy refuse a change; it
+changes nothing else and no other resource.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ class MeshLayers:
         self._endpoint_sets: dict[str, tuple[tuple[str, int], ...]] = {}
         self._nodes: dict[NodeInfo, dict[str, ResourceSet]] = {}
         self._builds = 0
+        #: test-only: revisions (name, revision) whose route scope is made invalid (see above)
+        self.fault_nack: frozenset[tuple[str, int]] = frozenset()
 
     # --- changes
     def set_pipelines(self, pipelines: dict[str, list[PipelinePlan]]) -> None:
@@ -56,7 +64,10 @@ class MeshLayers:
         removals = []
         for name, revisions in pipelines.items():
             if revisions:
-                upserts.append(resource(SCOPED_ROUTE, pipeline_scope_resource(name, revisions, self._retries)))
+                scope = pipeline_scope_resource(name, revisions, self._retries)
+                if self.fault_nack and any((p.name, p.revision) in self.fault_nack for p in revisions):
+                    _invalidate(scope)
+                upserts.append(resource(SCOPED_ROUTE, scope))
                 for plan in revisions:
                     self.add_runtimes({s.runtime for s in plan.stages})
             else:
@@ -70,7 +81,7 @@ class MeshLayers:
         if not new:
             return
         self._runtimes |= new
-        self.clusters = self.clusters.update(resource(CLUSTER, runtime_cluster_resource(r)) for r in sorted(new))
+        self.clusters = self.clusters.update(resource(CLUSTER, runtime_cluster_resource(r, self.settings.limits.for_runtime(r))) for r in sorted(new))
         self.endpoints = self.endpoints.update(
             resource(ENDPOINT, endpoints_resource(r, self._endpoint_sets.get(r, ()))) for r in sorted(new)
         )
@@ -155,3 +166,10 @@ class MeshLayers:
     def forget(self, node: NodeInfo) -> None:
         self._nodes.pop(node, None)
         self._secrets.pop(node, None)
+
+
+def _invalidate(scope) -> None:
+    """The test-only fault: an unbalanced regex in the first route's header match, which
+    Envoy refuses when it compiles the scope (RE2: missing ``)``)."""
+    routes = scope.route_configuration.virtual_hosts[0].routes
+    routes[0].match.headers[0].string_match.safe_regex.regex = "(fault-injected"

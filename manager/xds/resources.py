@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # The _pb2 modules must be imported for json_format to resolve their "@type"s.
@@ -41,11 +41,13 @@ import envoy.extensions.transport_sockets.tls.v3.tls_pb2  # noqa: F401
 import envoy.extensions.filters.http.router.v3.router_pb2  # noqa: F401
 import envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2  # noqa: F401
 import envoy.extensions.upstreams.http.v3.http_protocol_options_pb2  # noqa: F401
+import envoy.extensions.retry.host.previous_hosts.v3.previous_hosts_pb2 as previous_hosts_pb2
 from google.protobuf import duration_pb2, json_format, struct_pb2
 from google.protobuf.message import Message
 
 from manager.ca import GATEWAY_ID, MANAGER_ID, Issued, dns_name, runtime_id
 from manager.xds.ingress_auth import IngressAuth, public_ingress
+from manager.xds.limits import ClusterLimits, MeshLimits, overload_reply
 from sluice.plan import PipelinePlan
 from sluice.wire import (
     EGRESS, INGRESS, MODEL_HEADER, PIPELINE_HEADER, ROUTE_HEADER, STAGE_HEADER, UNROUTED, ZIPKIN_CLUSTER,
@@ -79,6 +81,17 @@ _H2_OPTIONS = {
         "explicit_http_config": {"http2_protocol_options": {}},
     }
 }
+#: runtime clusters cross the network: HTTP/2 PINGs find a connection to a host that went
+#: silent (cut off, frozen) within interval + timeout and reset it, so the calls on it are
+#: retried on another replica (``reset`` in STAGE_RETRY_ON) instead of waiting out the
+#: stage timeout
+H2_KEEPALIVE = {"interval": "1s", "timeout": "1s"}
+_H2_KEEPALIVE_OPTIONS = {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {"connection_keepalive": H2_KEEPALIVE}},
+    }
+}
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,10 @@ class NodeInfo:
     protocol: str = "http"  # of the local process: "http" or "grpc"
     egress_port: int = 0  # gateway only: where the gateway sends stage calls
     grpc_port: int = 0  # gateway only: its local gRPC API
+    #: replicas: the local ports of every instance behind this sidecar (``service_port``
+    #: and ``grpc_port`` are the first's); empty: one instance
+    service_ports: tuple[int, ...] = ()
+    grpc_ports: tuple[int, ...] = ()
 
     @classmethod
     def from_node(cls, node_id: str, cluster: str, metadata: struct_pb2.Struct) -> "NodeInfo":
@@ -100,6 +117,9 @@ class NodeInfo:
 
         def num(key: str) -> int:
             return int(float(meta.get(f"sluice.{key}", 0) or 0))
+
+        def nums(key: str) -> tuple[int, ...]:  # "18083,18093"
+            return tuple(int(p) for p in str(meta.get(f"sluice.{key}", "") or "").split(",") if p.strip())
 
         return cls(
             id=node_id,
@@ -110,6 +130,8 @@ class NodeInfo:
             protocol=str(meta.get("sluice.protocol", "http")),
             egress_port=num("egress_port"),
             grpc_port=num("grpc_port"),
+            service_ports=nums("service_ports"),
+            grpc_ports=nums("grpc_ports"),
         )
 
 
@@ -128,6 +150,8 @@ class MeshSettings:
     #: a runtime sidecar also answers gRPC health checks in plaintext (and nothing else):
     #: Consul's checks of runtime instances, which hold no mesh certificate
     plaintext_health: bool = False
+    #: circuit breakers and the overflow answer (``manager.xds.limits``)
+    limits: MeshLimits = MeshLimits()
 
 
 def _parse(message: type[Message], d: dict[str, Any]) -> Message:
@@ -146,18 +170,23 @@ def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _static_cluster(name: str, port: int, h2: bool) -> Message:
+def _static_cluster(name: str, port: int | tuple[int, ...], h2: bool) -> Message:
+    """A local cluster: one port, or several (replicas: then dead ones are ejected)."""
+    ports = port if isinstance(port, tuple) else (port,)
     d: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
         "load_assignment": {
             "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address("127.0.0.1", port)}}]}],
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address("127.0.0.1", p)}} for p in ports]}],
         },
     }
     if h2:
         d["typed_extension_protocol_options"] = _H2_OPTIONS
+    if len(ports) > 1:
+        d["outlier_detection"] = OUTLIER_DETECTION
+        d["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
     return _parse(cluster_pb2.Cluster, d)
 
 
@@ -226,7 +255,7 @@ def secret_resources(issued: Issued) -> list[Message]:
     return [cert, ca]
 
 
-def _runtime_cluster(name: str, runtime: str) -> Message:
+def _runtime_cluster(name: str, runtime: str, limits: ClusterLimits = ClusterLimits()) -> Message:
     return _parse(
         cluster_pb2.Cluster,
         {
@@ -235,17 +264,9 @@ def _runtime_cluster(name: str, runtime: str) -> Message:
             "transport_socket": upstream_mtls(runtime),
             "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
             "connect_timeout": "1s",
-            "typed_extension_protocol_options": _H2_OPTIONS,
-            "circuit_breakers": {
-                "thresholds": [{"max_connections": 1024, "max_pending_requests": 1024, "max_requests": 4096, "max_retries": 64}]
-            },
-            "outlier_detection": {
-                "consecutive_5xx": 5,
-                "consecutive_gateway_failure": 3,
-                "interval": "2s",
-                "base_ejection_time": "5s",
-                "max_ejection_percent": 50,
-            },
+            "typed_extension_protocol_options": _H2_KEEPALIVE_OPTIONS,
+            "circuit_breakers": limits.circuit_breakers(),
+            "outlier_detection": OUTLIER_DETECTION,
             "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
         },
     )
@@ -312,18 +333,18 @@ def _rds(name: str) -> dict[str, Any]:
 
 def _ingress(node: NodeInfo, state: MeshSettings) -> tuple[Message, Message, list[Message]]:
     local = "local_" + node.service.replace(".", "_")
-    clusters = [_static_cluster(local, node.service_port, h2=node.protocol == "grpc")]
+    clusters = [_static_cluster(local, node.service_ports or node.service_port, h2=node.protocol == "grpc")]
     routes: list[dict[str, Any]] = []
     if node.role == "gateway" and node.grpc_port:
         local_grpc = f"{local}_grpc"
-        clusters.append(_static_cluster(local_grpc, node.grpc_port, h2=True))
+        clusters.append(_static_cluster(local_grpc, node.grpc_ports or node.grpc_port, h2=True))
         routes.append(
             {
                 "match": {"prefix": "/", "grpc": {}},
-                "route": {"cluster": local_grpc, "timeout": "0s"},
+                "route": {"cluster": local_grpc, "timeout": "0s", **_local_retries(node.grpc_ports, grpc=True)},
             }
         )
-    routes.append({"match": {"prefix": "/"}, "route": {"cluster": local, "timeout": "0s"}})
+    routes.append({"match": {"prefix": "/"}, "route": {"cluster": local, "timeout": "0s", **_local_retries(node.service_ports)}})
     vhost: dict[str, Any] = {"name": "local", "domains": ["*"], "routes": routes}
     guard = state.auth if state.auth is not None and state.auth.protects(node) else None
     if guard is not None:  # secure mode: tokens checked on the mesh's public ingresses (ingress_auth)
@@ -332,10 +353,23 @@ def _ingress(node: NodeInfo, state: MeshSettings) -> tuple[Message, Message, lis
     hcm = _hcm(INGRESS, _rds(INGRESS), _tracing(state, node, "ingress"))
     if guard is not None:
         guard.protect_hcm(node, hcm["typed_config"])
+    _limit_local(node, state, clusters, hcm["typed_config"])
     if node.role == "runtime":
         return _runtime_ingress(node, state, hcm, local), route_config, clusters
     address = state.public_address if state.public_address and public_ingress(node) else state.listener_address
     return _listener(INGRESS, address, node.ingress_port, hcm), route_config, clusters
+
+
+def _limit_local(node: NodeInfo, state: MeshSettings, clusters: list[Message], hcm: dict[str, Any]) -> None:
+    """Circuit breakers on the local cluster(s) of a gateway's or a runtime's sidecar; on the
+    gateway's, an overflow is answered 503 with ``Retry-After`` in the JSON error shape."""
+    if node.role not in ("gateway", "runtime"):
+        return
+    limits = state.limits.gateway if node.role == "gateway" else state.limits.runtime
+    for cluster in clusters:
+        json_format.ParseDict(limits.circuit_breakers(), cluster.circuit_breakers)
+    if node.role == "gateway":
+        hcm.setdefault("local_reply_config", {}).setdefault("mappers", []).append(overload_reply(state.limits.retry_after_s))
 
 
 #: the one call a runtime's sidecar answers in plaintext, when asked to (Consul's checks)
@@ -429,8 +463,8 @@ def node_resources(node: NodeInfo, state: MeshSettings) -> dict[str, list[Messag
     return {CLUSTER: clusters, LISTENER: listeners, ROUTE: [ingress_routes]}
 
 
-def runtime_cluster_resource(runtime: str) -> Message:
-    return _runtime_cluster(runtime_cluster(runtime), runtime)
+def runtime_cluster_resource(runtime: str, limits: ClusterLimits = ClusterLimits()) -> Message:
+    return _runtime_cluster(runtime_cluster(runtime), runtime, limits)
 
 
 def endpoints_resource(runtime: str, endpoints: tuple[tuple[str, int], ...]) -> Message:
@@ -447,11 +481,60 @@ def endpoints_resource(runtime: str, endpoints: tuple[tuple[str, int], ...]) -> 
 
 
 def retry_policy(retries: int) -> route_components_pb2.RetryPolicy:
-    policy = route_components_pb2.RetryPolicy(retry_on="connect-failure,refused-stream,reset,unavailable")
+    """A stage call's retries: on a reset, a failed connection, a refused stream or a gRPC
+    UNAVAILABLE (what a runtime's sidecar answers when the runtime behind it is dead),
+    each retry on another endpoint than those already tried (``previous_hosts``) when
+    the runtime has one, so one dead replica costs no request."""
+    policy = route_components_pb2.RetryPolicy(retry_on=STAGE_RETRY_ON)
     policy.num_retries.value = retries
     policy.retry_back_off.base_interval.FromMilliseconds(5)
     policy.retry_back_off.max_interval.FromMilliseconds(50)
+    _retry_elsewhere(policy)
     return policy
+
+
+def _local_retries(ports: tuple[int, ...], grpc: bool = False) -> dict[str, Any]:
+    """Replicas behind one sidecar (``sluice up --replicas``): a call that meets a dead one
+    (refused, or reset mid-request by a crash) is retried on another; one instance: none."""
+    if len(ports) < 2:
+        return {}
+    return {"retry_policy": {
+        "retry_on": STAGE_RETRY_ON if grpc else LOCAL_RETRY_ON,
+        "num_retries": len(ports),
+        "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
+        "retry_host_predicate": [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"},
+        }],
+        "host_selection_retry_max_attempts": 3,
+    }}
+
+
+#: what a stage call (gRPC) and a call to a replicated local service are retried on
+STAGE_RETRY_ON = "connect-failure,refused-stream,reset,unavailable"
+LOCAL_RETRY_ON = "connect-failure,refused-stream,reset"
+
+
+#: ejects an endpoint that failed twice in a row (a refused connection, a reset, a 502/503/504
+#: or gRPC UNAVAILABLE from a runtime's sidecar whose runtime is dead) for 2 s, doubling at each
+#: new ejection; never more than half of a cluster, so the only endpoint is never ejected
+#: (its callers get the error at once, and its first answer after a restart is served)
+OUTLIER_DETECTION: dict[str, Any] = {
+    "consecutive_5xx": 5,
+    "consecutive_gateway_failure": 2,
+    "enforcing_consecutive_gateway_failure": 100,  # Envoy's default is 0: detected, never ejected
+    "interval": "1s",
+    "base_ejection_time": "2s",
+    "max_ejection_time": "30s",
+    "max_ejection_percent": 50,
+}
+
+
+def _retry_elsewhere(policy: route_components_pb2.RetryPolicy) -> None:
+    """Make a retry pick a host not tried yet (Envoy tries up to 3 picks, then takes any)."""
+    predicate = policy.retry_host_predicate.add(name="envoy.retry_host_predicates.previous_hosts")
+    predicate.typed_config.Pack(previous_hosts_pb2.PreviousHostsPredicate())
+    policy.host_selection_retry_max_attempts = 3
 
 
 def pipeline_scope_resource(name: str, revisions: list[PipelinePlan], retries: route_components_pb2.RetryPolicy) -> Message:

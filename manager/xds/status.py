@@ -10,6 +10,12 @@ Secrets are asked for on demand: Envoy subscribes to a node's SDS secrets only o
 cluster or listener it holds names them (a gateway before its first runtime cluster
 never does). So a node is not waited on for secrets it never asked for; once it has
 answered a secret push, its secrets count like any other type.
+
+Two waits: ``wait_converged`` (lenient: a rejection counts as settled, and a node that
+misses a deadline is marked lagging and skipped until it catches up) for pushes that
+need not be confirmed; ``settle`` (strict) for the steps of a pipeline change: it waits
+for every node of the role, lagging or not, and reports which node rejected (with
+Envoy's ``error_detail``) or did not answer in time, so the change can be rolled back.
 """
 
 from __future__ import annotations
@@ -26,12 +32,35 @@ from manager.xds.snapshot import SnapshotCache
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A node that rejected (NACK) the version of a type it was sent, and Envoy's reason."""
+
+    node: str
+    type: str  # short type name, e.g. ScopedRouteConfiguration
+    reason: str
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """What ``settle`` found: every node acknowledged (``ok``), or who refused or was silent."""
+
+    refused: tuple[Refusal, ...] = ()
+    #: nodes that neither acknowledged nor rejected their current version in time
+    silent: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused and not self.silent
+
+
 @dataclass
 class NodeStatus:
     info: NodeInfo
     streams: int = 0
     acked: dict[str, str] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)  # type -> Envoy's text for the rejected version
     nacks: int = 0
     last_nack: str = ""
     connected_at: float = field(default_factory=time.time)
@@ -65,6 +94,7 @@ class NodeTracker:
             self._nodes[info.id] = status
             self._provide(info)
         status.streams += 1
+        self._notify()
 
     def on_push(self, size: int) -> None:
         self.pushes += 1
@@ -83,6 +113,7 @@ class NodeTracker:
         status = self._nodes.get(node_id)
         if status is not None:
             status.rejected[type_url] = version
+            status.reasons[type_url] = message
             status.nacks += 1
             status.last_nack = message
         self.nacks += 1
@@ -141,4 +172,52 @@ class NodeTracker:
                 self._nodes[node_id].lagging = True
             log.warning("xDS: nodes %s did not acknowledge %s within %.1fs: not waited for until they catch up",
                         behind, [t.rsplit(".", 1)[-1] for t in type_urls], timeout)
+            return False
+
+    # --- the strict wait of a pipeline change's steps
+    def _refusals(self, role: str | None, type_urls: tuple[str, ...]) -> list[Refusal]:
+        found = []
+        for node_id, status in self._nodes.items():
+            snapshot = self.cache.snapshot(node_id)
+            if snapshot is None or (role and status.info.role != role):
+                continue
+            for t in type_urls:
+                version = snapshot.version(t)
+                if status.rejected.get(t) == version and status.acked.get(t) != version:
+                    found.append(Refusal(node_id, t.rsplit(".", 1)[-1], status.reasons.get(t, "")))
+        return found
+
+    async def settle(self, role: str | None, type_urls: tuple[str, ...], timeout: float) -> Convergence:
+        """Wait until every connected node of ``role`` (lagging ones too) acknowledged or
+        rejected its current snapshot's version of ``type_urls``, at most ``timeout``;
+        then report the rejections (with Envoy's reasons) and the nodes still silent."""
+        def nodes() -> list[str]:
+            return [n for n, s in self._nodes.items() if not role or s.info.role == role]
+
+        def settled() -> bool:
+            return all(self.node_converged(n, type_urls) for n in nodes())
+
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(settled), timeout)
+        except asyncio.TimeoutError:
+            pass
+        silent = tuple(sorted(n for n in nodes() if not self.node_converged(n, type_urls)))
+        result = Convergence(tuple(self._refusals(role, type_urls)), silent)
+        if not result.ok:
+            log.warning("xDS: change not confirmed: refused by %s, silent after %.1fs: %s",
+                        [(r.node, r.type, r.reason) for r in result.refused] or "none", timeout, list(silent) or "none")
+        return result
+
+    async def wait_connected(self, role: str, timeout: float) -> bool:
+        """Wait until at least one node of ``role`` has a stream open (a restarted manager
+        waits so for the sidecars that reconnect), at most ``timeout``."""
+        def connected() -> bool:
+            return any(s.info.role == role for s in self._nodes.values())
+
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(connected), timeout)
+            return True
+        except asyncio.TimeoutError:
             return False

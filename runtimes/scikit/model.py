@@ -69,7 +69,10 @@ class SklearnModel(Model):
         for spec in self.outputs:
             method = self.methods[spec.name]
             if method not in results:
-                results[method] = np.asarray(getattr(self.estimator, method)(X))
+                try:
+                    results[method] = np.asarray(getattr(self.estimator, method)(X))
+                except ValueError as exc:  # scikit-learn's way of refusing input (infinity, NaN...): INVALID_ARGUMENT
+                    raise TensorError(f"{method} refused the input: {exc}") from None
             value = results[method]
             if spec.datatype != "BYTES":
                 value = value.astype(DATATYPE_TO_DTYPE[spec.datatype], copy=False)

@@ -32,7 +32,7 @@ from runtimes.sdk.model import ModelLoadError
 from runtimes.sdk.models import Loader, ModelSet
 from runtimes.sdk.registration import ModelNames, Registration
 from runtimes.sdk.repository import ModelRepository
-from runtimes.sdk.server import InferenceService
+from runtimes.sdk.server import InferenceService, PredictPool
 from runtimes.sdk.settings import RuntimeSettings
 from sluice.logs import setup_logging
 from sluice.serving import install_uvloop
@@ -117,7 +117,8 @@ async def serve_runtime(kind: str, loader: Loader, settings: RuntimeSettings | N
     server = grpc.aio.server(options=options)
     tracing = setup_tracing(settings.name)
     max_elements = settings.max_tensor_elements or settings.max_message_bytes
-    service = InferenceService(settings.name, kind, models, tracing, max_elements)
+    pool = PredictPool(settings.predict_threads)
+    service = InferenceService(settings.name, kind, models, tracing, max_elements, settings.max_in_flight, pool)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -143,6 +144,7 @@ async def serve_runtime(kind: str, loader: Loader, settings: RuntimeSettings | N
     if registration:
         await registration.stop()
     await server.stop(grace=2)
+    pool.close()
     await close_set(models)
 
 

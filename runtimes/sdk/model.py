@@ -41,6 +41,10 @@ class Model(abc.ABC):
 
     #: short description of how the model runs, reported as ModelMetadata.platform
     platform: str = "python"
+    #: False (default): ``predict`` computes on the calling thread, so the server runs it in
+    #: its predict pool, off the event loop. True: ``predict`` awaits work on the event
+    #: loop itself (a batcher that hands batches to its own threads) and must run there.
+    runs_on_loop: bool = False
 
     def __init__(self, artifact: ModelArtifact, inputs: list[TensorSpec], outputs: list[TensorSpec]):
         self.name = artifact.name

@@ -38,13 +38,24 @@ The model-repository extension, exactly as tritonclient's ``load_model`` /
 
 Metrics are labelled by model name only for models loaded when the call arrives;
 any other name counts as "unknown", so clients cannot grow the series.
+
+Overload: at most ``max_in_flight`` ModelInfer calls run at once; one more is refused
+at once with RESOURCE_EXHAUSTED (so is a call a full batching queue refuses,
+``sluice.limits.Overloaded``). Health checks, metadata and the repository extension
+are not counted: they keep answering under load. A model whose ``predict`` computes
+on the calling thread (``Model.runs_on_loop`` false, the default) runs in the
+server's predict pool (``PredictPool``), never on the event loop, so a slow CPU-bound
+model does not stall health checks, heartbeats or other calls.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from tritonclient.grpc import service_pb2 as pb
@@ -59,6 +70,7 @@ from sluice.wire import PIPELINE_HEADER, STAGE_HEADER, DIGESTS_PARAMETER
 from runtimes.sdk.repository import (
     DigestMismatch, ModelNotInRepository, RepositoryUnavailable, UnsafeArtifact, check_digests, safe_version,
 )
+from sluice.limits import Overloaded
 from sluice.tensors import TensorError, fill_response, request_inputs
 from sluice.tracing import Tracing
 
@@ -97,6 +109,27 @@ def _digests_param(parameters) -> dict[str, str] | None:
     return check_digests(value)
 
 
+class PredictPool:
+    """Worker threads that run models' ``predict`` off the event loop. ``predict`` is a
+    coroutine; each thread drives it on an event loop of its own (made once per thread)."""
+
+    def __init__(self, threads: int):
+        self._executor = ThreadPoolExecutor(max(1, threads), thread_name_prefix="predict")
+        self._local = threading.local()
+
+    def _drive(self, model: Model, inputs: dict) -> dict:
+        loop = getattr(self._local, "loop", None)
+        if loop is None:
+            loop = self._local.loop = asyncio.new_event_loop()
+        return loop.run_until_complete(model.predict(inputs))
+
+    async def predict(self, model: Model, inputs: dict) -> dict:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._drive, model, inputs)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
@@ -105,10 +138,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         models: ModelSet | dict[str, Model],
         tracing: Tracing | None = None,
         max_tensor_elements: int | None = None,
+        max_in_flight: int = 0,
+        predict_pool: PredictPool | None = None,
     ):
         """``max_tensor_elements``: the most elements a request's inputs may hold together
-        (default ``sluice.tensors.MAX_ELEMENTS``); more is INVALID_ARGUMENT."""
+        (default ``sluice.tensors.MAX_ELEMENTS``); more is INVALID_ARGUMENT.
+        ``max_in_flight``: ModelInfer calls served at once (0: no limit); one more is
+        RESOURCE_EXHAUSTED. ``predict_pool``: where models that compute on the calling
+        thread run (None: on the event loop, for tests of the service alone)."""
         self.name = name
+        self.max_in_flight = max_in_flight
+        self.predict_pool = predict_pool
+        #: ModelInfer calls being served now
+        self.in_flight = 0
         self.max_tensor_elements = max_tensor_elements
         self.kind = kind
         self.models = models if isinstance(models, ModelSet) else ModelSet(models)
@@ -279,6 +321,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     # --- inference
 
     async def ModelInfer(self, request, context):
+        if self.max_in_flight and self.in_flight >= self.max_in_flight:
+            metrics.inferences(metrics.model_label(request.model_name, self.models), "RESOURCE_EXHAUSTED").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"runtime {self.name!r} is serving its limit of {self.max_in_flight} inferences; retry later",
+            )
+        self.in_flight += 1
+        try:
+            return await self._model_infer(request, context)
+        finally:
+            self.in_flight -= 1
+
+    async def _model_infer(self, request, context):
         started = time.perf_counter()
         status = "OK"
         label = metrics.model_label(request.model_name, self.models)
@@ -315,9 +370,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except TensorError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{model.name}: {exc}")
         try:
-            outputs = await model.predict(inputs)
+            if self.predict_pool is not None and not getattr(model, "runs_on_loop", False):
+                outputs = await self.predict_pool.predict(model, inputs)
+            else:
+                outputs = await model.predict(inputs)
         except TensorError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{model.name}: {exc}")
+        except Overloaded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"runtime {self.name!r}: {model.name}: {exc}")
         except Exception as exc:  # the model's own failure: report it, keep serving
             log.exception("model %s failed", model.name)
             await context.abort(grpc.StatusCode.INTERNAL, f"{model.name}: {type(exc).__name__}: {exc}")

@@ -40,6 +40,12 @@ class RuntimeSettings(BaseSettings):
     max_tensor_elements: int = Field(0, ge=0)
     #: Prometheus /metrics over HTTP on this port; 0: off
     metrics_port: int = 0
+    #: ModelInfer calls served at once; one more is refused at once with RESOURCE_EXHAUSTED
+    #: (health checks and metadata are not counted)
+    max_in_flight: int = Field(64, ge=1)
+    #: threads that run models' predict off the event loop (models that compute on the
+    #: calling thread; batching models run their own)
+    predict_threads: int = Field(4, ge=1)
 
     @model_validator(mode="after")
     def _token_from_file(self) -> "RuntimeSettings":

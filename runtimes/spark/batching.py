@@ -5,6 +5,10 @@ everything that arrived meanwhile (requests pile up while a job runs) and whatev
 comes within ``max_delay_s``, up to ``max_rows`` rows, and runs them as one job in a
 thread. If a batch fails, its requests are retried one by one, so one bad request
 fails alone.
+
+The queue is bounded: with ``max_queue`` requests waiting, one more is refused at once
+with ``sluice.limits.Overloaded`` (the runtime answers RESOURCE_EXHAUSTED), never
+queued without bound.
 """
 
 from __future__ import annotations
@@ -16,8 +20,15 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from sluice.limits import Overloaded
+
 In = TypeVar("In")
 Out = TypeVar("Out")
+
+#: requests waiting for a batch, unless the batcher is given another bound
+DEFAULT_MAX_QUEUE = 1024
+#: how many recent batch sizes ``batch_sizes`` keeps
+RECENT_BATCHES = 1000
 
 
 @dataclass
@@ -37,15 +48,19 @@ class MicroBatcher(Generic[In, Out]):
         executor: Executor,
         max_rows: int,
         max_delay_s: float,
+        max_queue: int = DEFAULT_MAX_QUEUE,
     ):
+        if max_queue < 1:
+            raise ValueError("max_queue must be at least 1")
         self._run_batch = run_batch
+        self.max_queue = max_queue
         self._executor = executor
         self._max_rows = max_rows
         self._max_delay_s = max_delay_s
         self._queue: asyncio.Queue[_Request[In]] | None = None
         self._worker: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        #: sizes (in requests) of the batches run so far, for tests and metrics
+        #: sizes (in requests) of the most recent batches (at least RECENT_BATCHES of them)
         self.batch_sizes: list[int] = []
 
     async def submit(self, payload: In, rows: int) -> Out:
@@ -53,6 +68,8 @@ class MicroBatcher(Generic[In, Out]):
         if self._loop is not loop or self._worker is None or self._worker.done():
             self._loop, self._queue = loop, asyncio.Queue()
             self._worker = loop.create_task(self._work(), name="spark-micro-batcher")
+        if self._queue.qsize() >= self.max_queue:
+            raise Overloaded(f"{self._queue.qsize()} requests are waiting for a batch, the limit; retry later")
         future = loop.create_future()
         self._queue.put_nowait(_Request(payload, rows, future))
         return await future
@@ -98,6 +115,8 @@ class MicroBatcher(Generic[In, Out]):
             return
         loop = asyncio.get_running_loop()
         self.batch_sizes.append(len(live))
+        if len(self.batch_sizes) > 2 * RECENT_BATCHES:
+            del self.batch_sizes[:-RECENT_BATCHES]
         try:
             results = await loop.run_in_executor(self._executor, self._run_batch, [r.payload for r in live])
         except Exception as exc:

@@ -91,6 +91,7 @@ class JvmSparkModel(Model):
     """A pipeline run by real Spark, with concurrent requests micro-batched."""
 
     platform = JVM
+    runs_on_loop = True  # its micro-batcher lives on the loop and runs jobs in threads
 
     def __init__(self, artifact: ModelArtifact, stages: Sequence[StageMeta]):
         inputs = artifact.specs("inputs") or self._derive_inputs(artifact, stages)

@@ -12,7 +12,9 @@ gets the error; the batcher itself carries on. A request with more rows than
 
 ``instances`` batches may run at once (Triton's instance_group count); while all
 are busy, arrivals keep queueing and form the next batch, so the batch size grows
-with the load.
+with the load, up to a bound: with ``max_queue_size`` requests waiting (Triton's
+``default_queue_policy.max_queue_size``; here never unbounded), one more is refused
+at once with ``sluice.limits.Overloaded`` (the runtime answers RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sluice.limits import Overloaded
 from sluice.tensors import TensorError
 
 Arrays = dict[str, np.ndarray]
@@ -32,6 +35,10 @@ RunFn = Callable[[Arrays], Arrays]
 
 # how late an event-loop timer may fire: selectors wait in whole milliseconds
 _TIMER_SLACK_S = 0.001
+#: requests waiting for a batch, unless the batcher is given another bound
+DEFAULT_MAX_QUEUE_SIZE = 1024
+#: how many recent batch sizes ``batch_sizes`` keeps
+RECENT_BATCHES = 1000
 
 
 class BatchTooLargeError(TensorError):
@@ -93,11 +100,15 @@ class DynamicBatcher:
         preferred_batch_sizes: Sequence[int] = (),
         instances: int = 1,
         executor: Executor | None = None,
+        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
     ):
         if max_batch_size < 1:
             raise ValueError("dynamic batching needs max_batch_size >= 1")
         if max_queue_delay_s < 0:
             raise ValueError("max_queue_delay_s must be >= 0")
+        if max_queue_size < 1:
+            raise ValueError("max_queue_size must be at least 1")
+        self.max_queue_size = max_queue_size
         self._run = run
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -105,7 +116,8 @@ class DynamicBatcher:
         self.target_batch_size = max(preferred, default=max_batch_size)
         self._instances = max(1, instances)
         self._executor = executor
-        #: model runs so far, and the rows each one carried (most recent last)
+        #: model runs so far, and the rows each of the most recent ones (at least
+        #: RECENT_BATCHES) carried, most recent last
         self.batches_run = 0
         self.batch_sizes: list[int] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,6 +133,9 @@ class DynamicBatcher:
         check_batch_size(rows, self.max_batch_size)
         loop = asyncio.get_running_loop()
         self._start(loop)
+        waiting = self._queue.qsize() + len(self._held)
+        if waiting >= self.max_queue_size:
+            raise Overloaded(f"{waiting} requests are waiting for a batch, the limit; retry later")
         key = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in inputs.items()))
         pending = _Pending(inputs, rows, key, loop.time(), loop.create_future())
         self._queue.put_nowait(pending)
@@ -189,6 +204,8 @@ class DynamicBatcher:
     async def _execute(self, batch: list[_Pending], rows: int) -> None:
         self.batches_run += 1
         self.batch_sizes.append(rows)
+        if len(self.batch_sizes) > 2 * RECENT_BATCHES:
+            del self.batch_sizes[:-RECENT_BATCHES]
         try:
             results = await asyncio.get_running_loop().run_in_executor(
                 self._executor, run_batch, self._run, [p.inputs for p in batch]

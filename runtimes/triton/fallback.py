@@ -67,6 +67,8 @@ def _cast(array: np.ndarray, datatype: str) -> np.ndarray:
 class TritonOnnxModel(Model):
     """One ONNX model version served the way Triton's onnxruntime backend serves it."""
 
+    runs_on_loop = True  # its dynamic batcher lives on the loop; runs go to its own threads
+
     def __init__(self, artifact: ModelArtifact, config: TritonModelConfig, session: ort.InferenceSession, settings: FallbackSettings):
         super().__init__(artifact, config.input_specs, config.output_specs)
         self.config = config

