@@ -52,6 +52,19 @@ fetch_zipkin() {
   echo "$version" >.sluice/zipkin/VERSION
 }
 
+ensure_chromium() {
+  # The console's browser tests (tests/e2e/test_console.py) drive Debian's chromium with
+  # Playwright (no browser download): install the package when it is missing.
+  [ -x /usr/bin/chromium ] && return
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo -n"
+  if command -v apt-get >/dev/null; then
+    step "installing chromium (Debian package) for the console's browser tests"
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium || true
+  fi
+  [ -x /usr/bin/chromium ] || echo "    (no /usr/bin/chromium: tests/e2e/test_console.py will fail until 'apt-get install chromium')"
+}
+
 train_models() {
   step "training the example models (deterministic)"
   "$PY" -m models.build
@@ -66,6 +79,7 @@ case "${1:-}" in
   "") ;;
   test)
     shift
+    ensure_chromium
     step "running the tests"
     exec "$PY" -m pytest "$@"
     ;;

@@ -30,6 +30,7 @@ from manager.control import ControlPlane
 from manager.registry.embedded import EmbeddedRegistry
 from manager.settings import ManagerSettings
 from manager.store import Store
+from manager.ui.router import install as install_console
 from manager.xds.ads import AdsServicer
 from manager.xds.auth import AuthenticatedFeed, NodeAuth
 from sluice.errors import error_response, install_error_handlers
@@ -104,6 +105,7 @@ def create(settings: ManagerSettings, common: CommonSettings, tracing: Tracing |
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(models_router)
+    install_console(app, settings, common)  # the web console at /ui
 
     @app.get("/healthz", tags=["health"], responses={503: {"description": "the store or the registry is failing (details say which)"}})
     async def healthz() -> Response:

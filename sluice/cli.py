@@ -78,6 +78,7 @@ def up(
 def _print_services(mesh: LocalMesh) -> None:
     p = mesh.ports
     console.print(f"manager     REST {mesh.manager_url}/api/v1 (docs {mesh.manager_url}/docs), xDS 127.0.0.1:{p.xds}")
+    console.print(f"console     {mesh.manager_url}/ui/ (pipelines, runtimes, models, traces; actions with a deploy token)")
     console.print(f"repository  {mesh.repository_url}/models")
     for key, r in mesh.runtime_instances.items():
         console.print(

@@ -162,6 +162,8 @@ MANAGER_ROUTES: list[tuple[dict[str, Any], dict[str, Any] | None]] = [
     ({"path_separated_prefix": "/api/v1/runtimes"}, DEPLOYERS),
     ({"path": "/api/v1/mesh"}, DEPLOYERS),
     ({"path": "/api/v1/info"}, ANY_TOKEN),
+    ({"path_separated_prefix": "/ui/api"}, DEPLOYERS),  # the console's data views: the scope of pipelines
+    ({"path_separated_prefix": "/ui"}, PUBLIC),  # the console's page and files: no data in them
     ({"prefix": "/"}, ADMIN_ONLY),  # /metrics and anything new: admin until said otherwise
 ]
 

@@ -1,0 +1,93 @@
+// Pipelines: the list (revision, stages, last-minute p50/p99 and error rate) and each
+// pipeline drawn as its graph, with per-stage figures updated live; one pipeline's page
+// (#/pipelines/<name>) adds its stages' signatures and its definition.
+import { api, canDeploy } from "../api.js";
+import { h, ms, percent, tensorLines } from "../dom.js";
+import { drawPipeline, updateGraph } from "../graph.js";
+
+const SPLIT_NOTE = "Traffic splits and mirrors between runtimes or versions are not part of a pipeline yet (issue #12): each stage calls one runtime, so its edges carry all the traffic.";
+
+function figuresCells(name) {
+  return [
+    h("td", { class: "num", dataset: { figure: "rate" } }, "–"),
+    h("td", { class: "num", dataset: { figure: "p50" } }, "–"),
+    h("td", { class: "num", dataset: { figure: "p99" } }, "–"),
+    h("td", { class: "num", dataset: { figure: "errors" } }, "–"),
+  ];
+}
+
+function updateRow(row, figures) {
+  const cell = (key) => row.querySelector(`[data-figure="${key}"]`);
+  cell("rate").textContent = figures ? String(figures.requests) : "0";
+  cell("p50").textContent = ms(figures?.p50_ms);
+  cell("p99").textContent = ms(figures?.p99_ms);
+  cell("errors").textContent = percent(figures?.error_rate);
+}
+
+function listView(list) {
+  const rows = list.map((p) => h("tr", { dataset: { pipeline: p.name } },
+    h("td", {}, h("a", { href: `#/pipelines/${encodeURIComponent(p.name)}` }, p.name)),
+    h("td", { class: "num" }, String(p.revision)),
+    h("td", {}, h("span", { class: "mono" }, p.stages.map((st) => st.name).join(" → "))),
+    figuresCells(p.name)));
+  return h("div", { class: "panel scroll" },
+    h("table", { id: "pipelines-table" },
+      h("thead", {}, h("tr", {}, h("th", {}, "pipeline"), h("th", { class: "num" }, "revision"), h("th", {}, "stages"),
+        h("th", { class: "num" }, "requests"), h("th", { class: "num" }, "p50"), h("th", { class: "num" }, "p99"), h("th", { class: "num" }, "errors"))),
+      h("tbody", {}, rows)));
+}
+
+function card(p) {
+  return h("section", { class: "panel pipeline-card", dataset: { pipeline: p.name } },
+    h("h3", {}, h("a", { href: `#/pipelines/${encodeURIComponent(p.name)}` }, p.name), h("span", { class: "muted" }, `  revision ${p.revision} · ${p.transportType}`)),
+    drawPipeline(p));
+}
+
+function subscribe(root, live) {
+  return live.subscribe((stats) => {
+    for (const row of root.querySelectorAll("tr[data-pipeline]")) updateRow(row, stats.pipelines[row.dataset.pipeline]);
+    for (const section of root.querySelectorAll("[data-pipeline] .graph")) {
+      const name = section.querySelector("svg").dataset.pipeline;
+      updateGraph(section, stats.pipelines[name]);
+    }
+  });
+}
+
+async function renderOne(main, name, live) {
+  const p = await api(`/api/v1/pipelines/${encodeURIComponent(name)}`);
+  const stages = p.stages.map((st, i) => h("tr", {},
+    h("td", { class: "num" }, String(i)), h("td", {}, st.name), h("td", {}, st.runtime), h("td", {}, st.model), h("td", {}, st.version || "latest loaded"),
+    h("td", {}, tensorLines(st.inputs)), h("td", {}, tensorLines(st.outputs)), h("td", { class: "num" }, `${st.timeout_ms} ms`)));
+  main.replaceChildren(
+    h("h1", {}, `Pipeline ${p.name}`),
+    h("div", { class: "row" },
+      h("span", { class: "muted" }, `revision ${p.revision} · ${p.transportType} · updated ${new Date(p.updated_at * 1000).toLocaleString()}`),
+      h("a", { href: `#/traces/${encodeURIComponent(p.name)}` }, "traces"),
+      canDeploy() ? h("a", { href: `#/actions/${encodeURIComponent(p.name)}` }, "edit") : null),
+    h("div", { class: "panel scroll" }, h("table", {},
+      h("thead", {}, h("tr", {}, h("th", {}, "last minute"), h("th", { class: "num" }, "requests"), h("th", { class: "num" }, "p50"),
+        h("th", { class: "num" }, "p99"), h("th", { class: "num" }, "errors"))),
+      h("tbody", {}, h("tr", { dataset: { pipeline: p.name } }, h("td", {}, "whole pipeline"), figuresCells(p.name))))),
+    h("section", { class: "panel", dataset: { pipeline: p.name } }, drawPipeline(p), h("p", { class: "muted" }, SPLIT_NOTE)),
+    h("div", { class: "panel scroll" }, h("h2", {}, "Stages"), h("table", {},
+      h("thead", {}, h("tr", {}, ["#", "name", "runtime", "model", "version", "inputs", "outputs", "timeout"].map((t) => h("th", {}, t)))),
+      h("tbody", {}, stages))),
+    h("div", { class: "panel" }, h("h2", {}, "Definition"), h("pre", { class: "scroll" }, JSON.stringify(p.definition, null, 2))));
+  return subscribe(main, live);
+}
+
+export async function render(main, [name], { live }) {
+  if (name) return renderOne(main, name, live);
+  const list = await api("/api/v1/pipelines");
+  if (!list.length) {
+    main.replaceChildren(h("h1", {}, "Pipelines"),
+      h("p", { class: "muted", id: "no-pipelines" }, "No pipelines yet.", canDeploy() ? [" ", h("a", { href: "#/actions" }, "Create one.")] : null));
+    return null;
+  }
+  main.replaceChildren(
+    h("h1", {}, "Pipelines"),
+    listView(list),
+    h("div", { class: "graphs" }, list.map(card)),
+    h("p", { class: "muted" }, SPLIT_NOTE));
+  return subscribe(main, live);
+}
