@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 def build_registry(settings: ManagerSettings, common: CommonSettings, store: Store):
     networks = RuntimeNetworks(settings.runtime_networks)
+    if settings.registry == "kubernetes":
+        from manager.registry.kubernetes import KubernetesRegistry
+
+        return KubernetesRegistry(settings.kubernetes_namespace, admit=networks.admit)
     if common.consul_addr:
         from manager.registry.consul import ConsulRegistry
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -104,6 +105,12 @@ class ManagerSettings(BaseSettings):
     #: lifetime of the certificates the manager issues (sidecars over SDS, its own);
     #: each is renewed at two thirds of it
     cert_ttl_s: float = Field(3600.0, ge=2)
+    #: runtime discovery: "kubernetes" watches the EndpointSlices of Services labelled
+    #: sluice.io/runtime (``manager.registry.kubernetes``); empty: Consul when
+    #: SLUICE_CONSUL_ADDR is set, else the embedded registry
+    registry: Literal["", "kubernetes"] = ""
+    #: the namespace of the runtime Services (kubernetes registry); empty: the manager pod's own
+    kubernetes_namespace: str = ""
 
     @property
     def fault_nack(self) -> frozenset[tuple[str, int]]:
