@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.load import p99  # noqa: E402
 from tests.e2e.test_change_safety import kill_manager_during_churn, make_mesh, replace_under_slow_load  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def main() -> None:
             print(f"mesh up in {time.monotonic() - started:.1f}s")
             load, took, wrong = replace_under_slow_load(mesh, args.replaces, args.clients)
             print(f"slow replaces: {args.replaces} done ({len(wrong)} not answered 200) with {args.clients} clients of 1.6 s requests in flight")
-            print(f"  requests sent {load.sent}, failed {len(load.failures)}, p99 {load.p99():.2f}s")
+            print(f"  requests sent {len(load.answers)}, failed {len(load.failures())}, p99 {p99([a.latency_s for a in load.answers]):.2f}s")
             print(f"  replace took p50 {statistics.median(took):.2f}s, max {max(took):.2f}s (ACK timeout 1.0s)")
             started = time.monotonic()
             stats = kill_manager_during_churn(mesh, args.kills)

@@ -40,11 +40,13 @@ def histogram_quantiles(text: str, metric: str, label: str, quantiles=(0.5, 0.99
         total = points[-1][1] if points else 0
         if not total:
             continue
-        out[key] = {q: _quantile(points, q * total) for q in quantiles}
+        out[key] = {q: bucket_quantile(points, q * total) for q in quantiles}
     return out
 
 
-def _quantile(points: list[tuple[float, float]], rank: float) -> float:
+def bucket_quantile(points: list[tuple[float, float]], rank: float) -> float:
+    """The value at ``rank`` observations up a cumulative histogram ((upper bound, count)
+    pairs, sorted, ``+Inf`` last), interpolated linearly inside its bucket."""
     lower_bound, lower_count = 0.0, 0.0
     for bound, count in points:
         if count >= rank:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,12 +35,24 @@ class Holder:
     token_id: str | None
 
 
+@dataclass(frozen=True, order=True)
+class Discovered:
+    """An instance a discovery backend (Consul, Kubernetes) found: where, its kind, and
+    the models its service says it serves."""
+
+    endpoint: Endpoint
+    kind: str
+    models: tuple[str, ...]
+
+
 class Registry(abc.ABC):
     """Healthy runtime endpoints, and a notification whenever they change."""
 
     def __init__(self) -> None:
         self._listeners: list[Callable[[], None]] = []
         self._runtime_listeners: list[RuntimeListener] = []
+        #: runtime listeners running for announced instances (``_announce``)
+        self._listener_tasks: set[asyncio.Task] = set()
 
     def on_change(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
@@ -58,6 +71,15 @@ class Registry(abc.ABC):
                 await callback(name, kind, host, port, models)
             except Exception:  # one listener's failure must not stop discovery
                 log.exception("runtime listener failed for %s at %s:%d", name, host, port)
+
+    def _announce(self, instance: "Discovered") -> None:
+        """Tell the runtime listeners (in a task of their own) of an instance discovery found."""
+        if not self._runtime_listeners:
+            return
+        e = instance.endpoint
+        task = asyncio.create_task(self._runtime_found(e.runtime, instance.kind, e.host, e.port, list(instance.models)))
+        self._listener_tasks.add(task)
+        task.add_done_callback(self._listener_tasks.discard)
 
     def _changed(self) -> None:
         for callback in self._listeners:

@@ -30,23 +30,17 @@ import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
-from manager.registry.base import Endpoint, Registry
+from manager.registry.base import Discovered, Endpoint, Registry
 from sluice import consul as sluice_consul
 from sluice.consul import RUNTIME_TAG
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, order=True)
-class Instance:
-    """A passing instance of a runtime service and what its Meta says it serves."""
-
-    endpoint: Endpoint
-    kind: str
-    models: tuple[str, ...]
+#: what this backend finds
+Instance = Discovered
 
 
 def passing(entry: dict[str, Any]) -> bool:
@@ -115,7 +109,6 @@ class ConsulRegistry(Registry):
         self._watches: dict[str, asyncio.Task] = {}
         self._by_service: dict[str, tuple[Instance, ...]] = {}
         self._announced: dict[Endpoint, Instance] = {}
-        self._listener_tasks: set[asyncio.Task] = set()
         self._failing: dict[str, str] = {}  # query -> its last error, while it fails
 
     def endpoints(self) -> dict[str, list[Endpoint]]:
@@ -222,14 +215,6 @@ class ConsulRegistry(Registry):
                 self._announce(instance)
         log.info("consul: service %s has %d passing instance(s)", service, len(found))
         self._changed()
-
-    def _announce(self, instance: Instance) -> None:
-        if not self._runtime_listeners:
-            return
-        e = instance.endpoint
-        task = asyncio.create_task(self._runtime_found(e.runtime, instance.kind, e.host, e.port, list(instance.models)))
-        self._listener_tasks.add(task)
-        task.add_done_callback(self._listener_tasks.discard)
 
 
 __all__ = ["ConsulRegistry", "Instance", "instances", "next_index", "passing"]

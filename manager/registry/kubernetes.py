@@ -40,7 +40,7 @@ import aiohttp
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from manager.registry.base import Endpoint, Registry
+from manager.registry.base import Discovered, Endpoint, Registry
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,8 @@ PORT_NAME = "grpc"
 NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
-@dataclass(frozen=True, order=True)
-class Instance:
-    """A ready endpoint of a runtime Service and what the Service says it serves."""
-
-    endpoint: Endpoint
-    kind: str
-    models: tuple[str, ...]
+#: what this backend finds
+Instance = Discovered
 
 
 @dataclass(frozen=True)
@@ -142,7 +137,6 @@ class KubernetesRegistry(Registry):
         self._instances: tuple[Instance, ...] = ()
         self._refused: dict[str, str] = {}
         self._failing: dict[str, str] = {}
-        self._listener_tasks: set[asyncio.Task] = set()
         self._refreshing = asyncio.Lock()
         #: resource -> the resourceVersion its watch resumes from (None: list first)
         self.versions: dict[str, str | None] = {"endpointslices": None, "services": None}
@@ -290,14 +284,6 @@ class KubernetesRegistry(Registry):
             return None
         self._refused.pop(host, None)
         return dataclasses.replace(instance, endpoint=dataclasses.replace(instance.endpoint, host=ip))
-
-    def _announce(self, instance: Instance) -> None:
-        if not self._runtime_listeners:
-            return
-        e = instance.endpoint
-        task = asyncio.create_task(self._runtime_found(e.runtime, instance.kind, e.host, e.port, list(instance.models)))
-        self._listener_tasks.add(task)
-        task.add_done_callback(self._listener_tasks.discard)
 
 
 __all__ = ["KubernetesRegistry", "Instance", "RuntimeService", "ready_endpoints", "runtime_service"]

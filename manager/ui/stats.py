@@ -30,6 +30,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from manager.auth.scopes import ADMIN
+from sluice.metrics import bucket_quantile
 from manager.ui.schemas import Figures, PipelineStats, StageStats, StatsOut
 
 log = logging.getLogger(__name__)
@@ -62,16 +63,7 @@ class Histogram:
         total = self.count
         if total <= 0:
             return None
-        rank = q * total
-        lower_bound, lower_count = 0.0, 0.0
-        for bound, count in points:
-            if count >= rank:
-                if math.isinf(bound):
-                    return lower_bound
-                span = count - lower_count
-                return lower_bound + (bound - lower_bound) * ((rank - lower_count) / span if span else 1.0)
-            lower_bound, lower_count = bound, count
-        return lower_bound
+        return bucket_quantile(points, q * total)
 
 
 @dataclass

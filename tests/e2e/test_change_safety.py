@@ -20,8 +20,6 @@ import random
 import signal
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import pytest
 
 from runtimes.sleeper.model import write_model
 from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec
+from bench.load import Load
 from tests.conftest import STORE, eventually
 from tests.e2e.conftest import IRIS_CHAIN
 
@@ -71,60 +70,6 @@ def mesh(tmp_path_factory, model_store):
 
 
 # --- helpers (also used by bench/change_safety.py)
-@dataclass
-class Load:
-    """``clients`` threads sending requests to one pipeline back to back, counting every answer."""
-
-    url: str
-    pipeline: str
-    record: list[dict]
-    expect: Callable[[object], bool]  # whether a 200's body is the right answer
-    clients: int = 8
-    timeout_s: float = 30.0
-    statuses: Counter = field(default_factory=Counter)
-    failures: list[str] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.clients)]
-
-    def _run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=self.timeout_s) as client:
-            while not self._stop.is_set():
-                started = time.monotonic()
-                try:
-                    response = client.post(f"/serve/{self.pipeline}", json=self.record)
-                    ok = response.status_code == 200 and self.expect(response.json())
-                    outcome = response.status_code, None if ok else response.text[:300]
-                except httpx.HTTPError as exc:
-                    outcome = 0, repr(exc)
-                with self._lock:
-                    self.statuses[outcome[0]] += 1
-                    self.latencies.append(time.monotonic() - started)
-                    if outcome[1] is not None:
-                        self.failures.append(outcome[1])
-
-    @property
-    def sent(self) -> int:
-        return sum(self.statuses.values())
-
-    def p99(self) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else 0.0
-
-    def __enter__(self) -> "Load":
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(self.timeout_s + 5)
-
-
 def is_virginica(body) -> bool:
     return body[0]["label"] == "virginica"
 
@@ -274,8 +219,8 @@ def replace_under_slow_load(mesh: LocalMesh, replaces: int, clients: int = 8) ->
     created = manager.post("/api/v1/pipelines", json={"name": "slow", "chain": SLOW_CHAIN})
     assert created.status_code == 201, created.text
     took, wrong = [], []
-    with Load(mesh.gateway_url, "slow", [{"x": 2.5}], lambda body: body == [{"z": 2.5}], clients=clients) as load:
-        eventually(lambda: load.sent >= clients, timeout_s=15)
+    with Load(mesh.gateway_url, "slow", [{"x": 2.5}], lambda r: r.json() == [{"z": 2.5}], clients=clients, timeout_s=30) as load:
+        eventually(lambda: len(load.answers) >= clients, timeout_s=15)
         for i in range(replaces):
             started = time.monotonic()
             replaced = manager.put("/api/v1/pipelines/slow", json={"name": "slow", "chain": SLOW_CHAIN})
@@ -292,8 +237,8 @@ def test_twenty_replaces_under_slow_requests_lose_no_request(mesh):
     for the gateway to drain the old revision before its routes go."""
     load, took, wrong = replace_under_slow_load(mesh, 20)
     assert wrong == []
-    assert load.failures == [], load.failures[:3]
-    assert set(load.statuses) == {200} and load.sent >= 40
+    assert load.failures() == [], load.failures()[:3]
+    assert set(load.statuses()) == {200} and len(load.answers) >= 40
     # replaces waited for drains longer than the ACK timeout, and went on (no rollback)
     assert max(took) > ACK_TIMEOUT_S
     eventually(lambda: scoped_routes(mesh).get("egress.slow") == {"slow.r21.s0", "slow.r21.s1"}, timeout_s=5)
@@ -359,8 +304,8 @@ def test_nack_rolls_the_change_back_with_envoys_reason(mesh):
     1 stays stored, routed and served."""
     manager = httpx.Client(base_url=mesh.manager_url, timeout=30)
     assert manager.post("/api/v1/pipelines", json={"name": NACKED, "chain": IRIS_CHAIN}).status_code == 201
-    with Load(mesh.gateway_url, NACKED, IRIS_RECORD, is_virginica, clients=2) as load:
-        eventually(lambda: load.sent >= 2, timeout_s=5)
+    with Load(mesh.gateway_url, NACKED, IRIS_RECORD, lambda r: is_virginica(r.json()), clients=2, timeout_s=30) as load:
+        eventually(lambda: len(load.answers) >= 2, timeout_s=5)
         response = manager.put(f"/api/v1/pipelines/{NACKED}", json={"name": NACKED, "chain": IRIS_CHAIN})
     assert response.status_code == 502, response.text
     error = response.json()["error"]
@@ -370,7 +315,7 @@ def test_nack_rolls_the_change_back_with_envoys_reason(mesh):
     assert "fault-injected" in details["reason"] and details["reason"] in error["message"]
     assert stored(mesh)[NACKED] == 1
     eventually(lambda: scoped_routes(mesh).get(f"egress.{NACKED}") == {f"{NACKED}.r1.s0", f"{NACKED}.r1.s1"}, timeout_s=5)
-    assert load.failures == [] and load.sent > 0
+    assert load.failures() == [] and len(load.answers) > 0
     assert served(mesh, {NACKED}) == {NACKED: 200}
 
 
