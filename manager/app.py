@@ -66,8 +66,17 @@ def zipkin_address(url: str) -> tuple[str, int] | None:
     return parsed.hostname or "127.0.0.1", parsed.port or 9411
 
 
+def open_store(settings: ManagerSettings) -> Store:
+    """PostgreSQL when SLUICE_MANAGER_DB_URL is set (several managers share it), else SQLite."""
+    if settings.db_url:
+        from manager.store_pg import PgStore
+
+        return PgStore(settings.db_url)  # type: ignore[return-value]  (the same interface)
+    return Store(settings.db_path)
+
+
 def create(settings: ManagerSettings, common: CommonSettings, tracing: Tracing | None = None) -> tuple[FastAPI, grpc.aio.Server, ControlPlane]:
-    store = Store(settings.db_path)
+    store = open_store(settings)
     ca = CertificateAuthority.load_or_create(settings.data_path)
     node_auth = NodeAuth.load_or_create(settings.data_path)
     manager_tls = tls.ManagerTls(ca, settings.cert_ttl_s)
@@ -105,7 +114,9 @@ def create(settings: ManagerSettings, common: CommonSettings, tracing: Tracing |
     repository = RepositoryClient(settings.repository_url)
     app.state.control = control
     app.state.models = ModelService(control, repository)
-    auth_api.setup(app, control, store, settings)  # secure mode: signing key, ingress checks, admin token
+    tokens = auth_api.setup(app, control, store, settings)  # secure mode: signing key, ingress checks, admin token
+    if tokens is not None:  # shared store: revocations made through another manager
+        control.on_tokens_changed = lambda: control.set_ingress_auth(auth_api.ingress_auth(tokens))
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(models_router)

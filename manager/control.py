@@ -19,6 +19,17 @@ node and Envoy's reason, or a 504 ``change_timeout`` naming the silent nodes. Wa
 for gateways to drain is bounded by the dropped revisions' stage timeouts, not by the
 ACK timeout.
 
+Several managers (a shared PostgreSQL store, ``manager.store_pg``): a change takes the
+store's change lock (``_changing``, one change at a time across managers) and each step
+is a global phase (``routes_added`` -> ``gateways_switched`` -> ``routes_withdrawn``):
+the driving manager writes the phase, does the step on its own nodes, and goes on only
+once every live manager (a heartbeat row that has not expired) acked it, that is its
+nodes converged or it has none (``_everywhere``; the other managers follow the phases,
+``manager.follow``). A NACK or a timeout on any manager rolls the change back on all of
+them (``gateways_reverted`` -> ``routes_reverted``, then the store), and the API call
+answers the 502/504 above naming that manager and its node; a manager that neither
+acks nor renews its heartbeat is waited for at most until its heartbeat expires.
+
 Crashes: the store holds the change's intent from its first step to its last
 (``Store.begin_change``/``finish_change``). A manager started on an unfinished change
 routes both revisions, holds the gateway feed until the gateways' sidecars have those
@@ -42,6 +53,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -111,6 +123,13 @@ def _gateways_failure(ack: FeedAck, timeout_s: float, drain_s: float) -> ApiErro
     )
 
 
+def _peer_failure(ack, phase: str) -> ApiError:
+    """Another manager's refusal of ``phase`` (a ``store_pg.PhaseAck``), as this API call's answer."""
+    failure = ack.failure
+    details = {**failure.details, "manager": ack.manager, "phase": phase}
+    return ApiError(failure.status, f"on manager {ack.manager}: {failure.message}", failure.code, **details)
+
+
 def _drain_s(plans) -> float:
     """How long gateways may take to drain requests on these revisions: their stage timeouts."""
     return max((sum(s.timeout_ms for s in plan.stages) / 1000 for plan in plans), default=0.0)
@@ -135,8 +154,14 @@ class ControlPlane:
         self.runtimes: dict[str, RuntimeRow] = {r.name: r for r in store.runtimes()}
         self.served: dict[str, PipelineRow] = {row.name: row for row in store.pipelines()}
         self.routed: dict[str, list[PipelinePlan]] = {name: [row.plan] for name, row in self.served.items()}
+        #: a store other managers write too (PostgreSQL, ``manager.store_pg``): this manager
+        #: follows their writes (``manager.follow``) and changes take the store's change lock
+        self.shared = bool(getattr(store, "shared", False))
+        if self.shared:  # this manager's name in the store's liveness and ack rows
+            store.manager_id = f"{socket.gethostname()}:{settings.port}"
         #: a change a killed manager left unfinished: both revisions routed until ``_recover``
-        self._pending: PendingChange | None = store.pending_change()
+        #: (shared store: the change may be another live manager's; ``Follower.finish_orphaned``)
+        self._pending: PendingChange | None = None if self.shared else store.pending_change()
         if self._pending is not None:
             for put in self._pending.puts:
                 if put.old is not None:
@@ -164,20 +189,35 @@ class ControlPlane:
         self.xds = NodeTracker(self.cache, self._provide, self.layers.forget)
         self.feed = PipelineFeed([row.plan for row in self.served.values()], held=self._pending is not None)
         self._lock = asyncio.Lock()
+        #: shared store: one API change of this manager at a time waits for the store's change
+        #: lock, *before* ``_lock`` (the follower needs ``_lock`` meanwhile to follow others' phases)
+        self._change_gate = asyncio.Lock()
+        self._silent_peers: set[str] = set()
         self._rotation: asyncio.Task | None = None
         self._recovery: asyncio.Task | None = None
+        self._follower = None  # shared store: a manager.follow.Follower once started
+        self._following: list[asyncio.Task] = []
+        #: shared store: called when another manager changed tokens (secure mode sets it)
+        self.on_tokens_changed = None
         registry.on_change(self._endpoints_changed)
         registry.on_runtime(self._learn_discovered)
 
     async def start(self) -> None:
         await self.registry.start()
         self._rotation = asyncio.create_task(self._rotate_certificates())
-        if self._pending is not None or self.served:
+        # (shared store: not waited for; the phases of the next change wait for every live
+        # manager's gateways, and a follower needs the lock to follow them meanwhile)
+        if self._pending is not None or (self.served and not self.shared):
             await self._lock.acquire()  # no change starts before the gateways are back in step
             self._recovery = asyncio.create_task(self._recover(self._pending))
+        if self.shared:
+            from manager.follow import Follower
+
+            self._follower = Follower(self)
+            self._following = self._follower.start()
 
     async def stop(self) -> None:
-        for task in (self._rotation, self._recovery):
+        for task in (self._rotation, self._recovery, *self._following):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -238,7 +278,7 @@ class ControlPlane:
         return resolve(spec, revision, self.runtimes, self.settings.stage_timeout_ms)
 
     async def create_pipeline(self, spec: PipelineSpec) -> PipelineRow:
-        async with self._lock:
+        async with self._changing():
             if spec.name in self.served:
                 raise ApiError(409, f"pipeline {spec.name!r} already exists", "exists", pipeline=spec.name)
             result = await self._commit([(spec, self._resolve(spec, 1))], [])
@@ -247,7 +287,7 @@ class ControlPlane:
     async def replace_pipeline(self, name: str, spec: PipelineSpec) -> PipelineRow:
         if spec.name != name:
             raise ApiError(422, f"body names pipeline {spec.name!r}, path names {name!r}", "name_mismatch")
-        async with self._lock:
+        async with self._changing():
             old = self.served.get(name)
             if old is None:
                 raise ApiError(404, f"no pipeline {name!r}", "not_found", pipeline=name)
@@ -255,7 +295,7 @@ class ControlPlane:
             return result.rows[name]
 
     async def delete_pipeline(self, name: str) -> None:
-        async with self._lock:
+        async with self._changing():
             if name not in self.served:
                 raise ApiError(404, f"no pipeline {name!r}", "not_found", pipeline=name)
             await self._commit([], [name])
@@ -263,7 +303,7 @@ class ControlPlane:
     async def apply(self, specs: list[PipelineSpec], prune: bool, dry_run: bool = False) -> ChangeResult:
         """Create or replace every listed pipeline (and with ``prune`` delete the others) in
         one change, validated as a whole: one bad definition refuses all of it."""
-        async with self._lock:
+        async with self._changing():
             problems: list[dict] = []
             seen: set[str] = set()
             resolved: list[tuple[PipelineSpec, PipelinePlan]] = []
@@ -299,6 +339,21 @@ class ControlPlane:
             changed.unchanged, changed.rows = result.unchanged, {**result.rows, **changed.rows}
             return changed
 
+    @contextlib.asynccontextmanager
+    async def _changing(self):
+        """Held while this manager drives a change. Shared store: the store's change lock
+        too (one change at a time across managers), and this manager's state brought up to
+        the store's first (another manager may have just changed it), finishing a change
+        whose manager died half-way (``manager.follow``)."""
+        if not self.shared:
+            async with self._lock:
+                yield
+            return
+        async with self._change_gate, self.store.change_lock(), self._lock:
+            await self._follower.finish_orphaned()
+            await self._follower.sync_pipelines()
+            yield
+
     async def _commit(self, upserts: list[tuple[PipelineSpec, PipelinePlan]], deleted: list[str]) -> ChangeResult:
         """Make before break, for any mix of creates, replaces and deletes (lock held).
 
@@ -308,6 +363,7 @@ class ControlPlane:
         A step not confirmed before the gateways confirmed rolls the change back and
         raises the ``ApiError`` that says who refused; after it, the change stands."""
         result = ChangeResult(deleted=list(deleted))
+        self._silent_peers: set[str] = set()  # managers that timed out this change: a roll-back does not wait for them
         plans = [plan for _, plan in upserts]
         before = {name: self.served[name] for name in [*(p.name for p in plans), *deleted] if name in self.served}
         rows = self.store.begin_change([(spec.model_dump(exclude_none=True), plan) for spec, plan in upserts], list(deleted))
@@ -321,16 +377,19 @@ class ControlPlane:
             if upserts:
                 found = await self._routes_step({plan.name for plan in plans})
                 if not found.ok:
-                    raise ChangeFailed(_routes_failure(found, self.settings.ack_timeout_s))
+                    raise ChangeFailed(self._named(_routes_failure(found, self.settings.ack_timeout_s)))
+            await self._everywhere("routes_added", self.settings.ack_timeout_s)
             dropped = [before[name].plan for name in [*result.replaced, *deleted]]
             for row in rows:
                 self.served[row.name] = row
             for name in deleted:
                 del self.served[name]
             published = True
+            self._set_phase("gateways_switched")
             ack, drain_s = await self._gateway_step(plans, deleted, dropped)
             if not ack.ok:
-                raise ChangeFailed(_gateways_failure(ack, self.settings.ack_timeout_s, drain_s))
+                raise ChangeFailed(self._named(_gateways_failure(ack, self.settings.ack_timeout_s, drain_s)))
+            await self._everywhere("gateways_switched", drain_s)
         except Exception as exc:
             log.warning("change of %s not confirmed (%s): rolling back", sorted({*result.created, *result.replaced, *deleted}), exc)
             await self._roll_back(before, rows, deleted, published)
@@ -343,10 +402,12 @@ class ControlPlane:
         for name in deleted:
             self.routed[name] = []
         try:
+            self._set_phase("routes_withdrawn")
             if withdrawn:
                 found = await self._routes_step(withdrawn, wait=bool(deleted))
                 if found is not None and not found.ok:  # the gateways serve the new state: the change stands
                     log.warning("old routes of %s withdrawn without confirmation: %s", sorted(withdrawn), found)
+            await self._everywhere("routes_withdrawn", self.settings.ack_timeout_s, must=False)
         finally:
             self.store.finish_change()
         if len(plans) + len(deleted) == 1:
@@ -372,19 +433,84 @@ class ControlPlane:
         log.info("rolled back: %s at their previous revisions", sorted(names))
 
     async def _roll_back_mesh(self, before: dict[str, PipelineRow], rows: list[PipelineRow], names: set[str], published: bool) -> None:
+        """Gateways back first (on every manager), then routes (on every manager)."""
+        drain_s = _drain_s([row.plan for row in rows]) + self.settings.ack_timeout_s
         confirmed = True
-        if published:
-            created = sorted(names - set(before))
-            version = await self.feed.publish([row.plan for row in before.values()], created)
-            drain_s = _drain_s([row.plan for row in rows]) + self.settings.ack_timeout_s
-            ack = await self.feed.wait_acked(version, self.settings.ack_timeout_s, drain_s)
-            confirmed = ack.ok
-            if not confirmed:
-                log.warning("rollback: gateways %s did not confirm the old revisions: the new routes stay", [*ack.silent, *ack.behind])
+        if published:  # (else no gateway anywhere was told to switch: nothing to revert)
+            self._set_phase("gateways_reverted")
+            confirmed = await self.revert_gateways(before, names, drain_s)
+            confirmed = await self._everywhere("gateways_reverted", drain_s, must=False) and confirmed
+        self._set_phase("routes_reverted")
+        await self.revert_routes(before, names, confirmed)
+        await self._everywhere("routes_reverted", self.settings.ack_timeout_s, must=False)
+
+    async def revert_gateways(self, before: dict[str, PipelineRow], names: set[str], drain_s: float) -> bool:
+        """This manager's gateways back to the old revisions (``before``); whether they confirmed."""
+        created = sorted(names - set(before))
+        version = await self.feed.publish([row.plan for row in before.values()], created)
+        ack = await self.feed.wait_acked(version, self.settings.ack_timeout_s, drain_s)
+        if not ack.ok:
+            log.warning("rollback: gateways %s did not confirm the old revisions: the new routes stay", [*ack.silent, *ack.behind])
+        return ack.ok
+
+    async def revert_routes(self, before: dict[str, PipelineRow], names: set[str], confirmed: bool) -> None:
+        """This manager's routes back to the old revisions, once the gateways confirmed them
+        (``confirmed``; else the new routes stay, for a gateway that may still use them)."""
         if confirmed:
             for name in names:
                 self.routed[name] = [before[name].plan] if name in before else []
         await self._routes_step(names, wait=False)  # a silent sidecar gets it when it answers again
+
+    # --- several managers: each phase of a change confirmed by every live manager
+    def _named(self, error: ApiError) -> ApiError:
+        """Shared store: the failure names this manager too (``details.manager``)."""
+        if self.shared:
+            error.details["manager"] = self.store.manager_id
+        return error
+
+    def _set_phase(self, phase: str) -> None:
+        if self.shared:
+            change = self.store.current_change()
+            if change is not None:
+                self.store.set_phase(change.id, phase)
+
+    async def _everywhere(self, phase: str, step_s: float, must: bool = True) -> bool:
+        """Shared store: ack ``phase`` for this manager, then wait until every other live
+        manager acked it. A manager's refusal, or one still live but silent after the
+        step's own bound (``step_s``) plus a heartbeat TTL, fails the change (``must``:
+        raise ``ChangeFailed`` naming it; else log it and answer False). A manager whose
+        heartbeat expires meanwhile (killed) is no longer waited for."""
+        if not self.shared:
+            return True
+        change = self.store.current_change()
+        if change is None:
+            return True
+        self.store.ack_phase(change.id, phase)
+        me = self.store.manager_id
+        bound = step_s + self.settings.peer_ttl_s + 1.0
+        deadline = time.monotonic() + bound
+        while True:
+            acks = self.store.phase_acks(change.id, phase)
+            refused = [a for m, a in sorted(acks.items()) if m != me and not a.ok]
+            missing = sorted(set(self.store.live_managers()) - set(acks) - {me} - self._silent_peers)
+            error = None
+            if refused:
+                error = _peer_failure(refused[0], phase)
+            elif not missing:
+                return True
+            elif time.monotonic() > deadline:
+                self._silent_peers |= set(missing)
+                error = ApiError(
+                    504, f"manager(s) {', '.join(missing)} did not confirm the change's {phase} within "
+                    f"{bound:g}s; the change was rolled back",
+                    "change_timeout", step=phase, phase=phase, manager=missing[0], managers=missing, nodes=[],
+                )
+            if error is not None:
+                if must:
+                    raise ChangeFailed(error)
+                log.warning("%s not confirmed everywhere: %s", phase, error.message)
+                return False
+            await asyncio.sleep(0.01)
 
     async def _recover(self, pending: PendingChange | None) -> None:
         """After a restart, before any change (``start`` took the lock for this; released

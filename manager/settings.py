@@ -17,6 +17,19 @@ class ManagerSettings(BaseSettings):
     xds_host: str = "127.0.0.1"
     xds_port: int = 18000
     db_path: str = ".sluice/manager.db"
+    #: a PostgreSQL database several managers share (``postgresql://user@host:port/db``;
+    #: ``manager.store_pg``, ``manager.follow``); empty: the embedded SQLite file at db_path
+    db_url: str = ""
+
+    @field_validator("db_url")
+    @classmethod
+    def _db_url(cls, value: str) -> str:
+        if value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("SLUICE_MANAGER_DB_URL must be a postgresql:// URL (empty: SQLite at SLUICE_MANAGER_DB_PATH)")
+        return value
+    #: several managers on PostgreSQL: a manager whose own heartbeat (``managers`` table) is
+    #: this old is dead, and changes stop waiting for its confirmation
+    peer_ttl_s: float = Field(3.0, gt=0)
     #: a runtime instance that misses heartbeats for this long is removed
     heartbeat_ttl_s: float = Field(6.0, gt=0)
     heartbeat_interval_s: float = Field(2.0, gt=0)

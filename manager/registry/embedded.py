@@ -8,6 +8,11 @@ Each instance keeps the IP address its host resolved to at registration (that is
 endpoint) and the id of the token that registered it (secure mode), which heartbeats
 and deregistrations must present. Instances restored from the store whose address is
 not an IP inside the runtime networks (``allows``) are dropped: they register again.
+
+On a store several managers share (PostgreSQL): heartbeats also write the instance's
+``last_seen``, and ``reload`` (called when another manager wrote ``instances``) takes in
+what others registered, renewed or removed, each instance's deadline counted from its
+``last_seen``; so every manager routes to every instance and expires the same ones.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from manager.registry.base import Endpoint, Holder, Registry
 from manager.store import InstanceRow, Store
@@ -36,6 +42,8 @@ class EmbeddedRegistry(Registry):
         self._instances: dict[str, InstanceRow] = {}
         self._deadline: dict[str, float] = {}
         self._sweeper: asyncio.Task | None = None
+        self._allows = allows
+        self._shared = bool(getattr(store, "shared", False))
         now = clock()
         for inst in store.instances():  # grace period after a restart
             if not _is_ip(inst.address) or (allows is not None and not allows(inst.address)):
@@ -94,7 +102,26 @@ class EmbeddedRegistry(Registry):
         if instance_id not in self._instances:
             return False
         self._deadline[instance_id] = self._clock() + self._ttl
+        if self._shared:  # the other managers count its deadline from last_seen
+            self._instances[instance_id] = replace(self._instances[instance_id], last_seen=time.time())
+            self._store.put_instance(self._instances[instance_id])
         return True
+
+    def reload(self) -> None:
+        """Shared store: the instances as the store holds them (another manager wrote them)."""
+        stored = {inst.id: inst for inst in self._store.instances()}
+        before = self.endpoints()
+        for instance_id in set(self._instances) - set(stored):
+            del self._instances[instance_id]
+            self._deadline.pop(instance_id, None)
+        now, wall = self._clock(), time.time()
+        for inst in stored.values():
+            if not _is_ip(inst.address) or (self._allows is not None and not self._allows(inst.address)):
+                continue
+            self._instances[inst.id] = inst
+            self._deadline[inst.id] = max(self._deadline.get(inst.id, 0.0), now + self._ttl - max(0.0, wall - inst.last_seen))
+        if self.endpoints() != before:
+            self._changed()
 
     def deregister(self, instance_id: str) -> bool:
         inst = self._instances.pop(instance_id, None)

@@ -97,6 +97,9 @@ class LocalMesh:
     secure: bool = False
     #: processes of every runtime and of the gateway (each runtime process with its own sidecar)
     replicas: int = 1
+    #: several managers (``sluice.local.managers``): node id -> the xDS port of the manager
+    #: that sidecar connects to; the others connect to ``ports.xds``
+    xds_ports: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -392,7 +395,7 @@ class LocalMesh:
         self._admin_ports[node_id] = admin
         sidecar = Sidecar(
             node_id=node_id, service=service, role=role, ingress_port=ingress, service_port=local,
-            admin_port=admin, xds_host="127.0.0.1", xds_port=self.ports.xds,
+            admin_port=admin, xds_host="127.0.0.1", xds_port=self.xds_ports.get(node_id, self.ports.xds),
             xds_token=self.node_token(node_id, role, service), xds_ca_file=str(self.ca_file), **extra,
         )
         path = self.workdir / "envoy" / f"{node_id}.yaml"

@@ -1,18 +1,24 @@
-"""manager.store: pipelines (definition + resolved plan), runtimes, instances and loaded
-models in SQLite, across reopenings of the same file; bulk writes in one transaction;
-the migration from schema version 0 (stages as JSON dicts) to version 1 (plans)."""
+"""manager.store and manager.store_pg: pipelines (definition + resolved plan), runtimes,
+instances and loaded models, across reopenings of the same database, on both backends
+(``open_store`` runs each such test on SQLite and on a real PostgreSQL server started
+once for the module); bulk writes in one transaction; the change intent; SQLite's
+migration from schema version 0 (stages as JSON dicts) to version 1 (plans).
+PostgreSQL's own migrations and notifications: tests/unit/test_store_pg.py."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
 import types
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import manager.store as store_module
 from manager.store import SCHEMA_VERSION, InstanceRow, LoadedModel, PipelineRow, Store
+from sluice.local import postgres
 from sluice.plan import Binding, PipelinePlan, StagePlan
 from sluice.tensors import TensorSpec
 from sluice.wire import route_key
@@ -50,6 +56,54 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "nested" / "dir" / "manager.db"  # parents are created
 
 
+#: opens the test's database (the same one at every call): a Store or a PgStore
+Opener = Callable[[], Store]
+
+
+@pytest.fixture(scope="module")
+def pg_server() -> Iterator[postgres.PostgresServer]:
+    """A real PostgreSQL server for this module, stopped by PID at the end."""
+    if not postgres.available():
+        pytest.skip("PostgreSQL's server binaries (initdb, postgres) are not on PATH")
+    with postgres.PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request: pytest.FixtureRequest, db: Path) -> Iterator[Opener]:
+    """SQLite: the file ``db``; PostgreSQL: a fresh database of ``pg_server``."""
+    opened: list = []
+    if request.param == "sqlite":
+        def opener():
+            opened.append(Store(db))
+            return opened[-1]
+        opener.target = f"Store({str(db)!r})"
+
+        def raw(sql: str) -> list[tuple]:
+            with sqlite3.connect(db) as conn:
+                return conn.execute(sql).fetchall()
+    else:
+        from manager.store_pg import PgStore
+
+        url = request.getfixturevalue("pg_server").create_database(f"t_{uuid.uuid4().hex[:12]}")
+
+        def opener():
+            opened.append(PgStore(url))
+            return opened[-1]
+        opener.target = f"__import__('manager.store_pg').store_pg.PgStore({url!r})"
+
+        def raw(sql: str) -> list[tuple]:
+            import psycopg
+
+            with psycopg.connect(url) as conn:
+                return conn.execute(sql).fetchall()
+    opener.backend = request.param
+    opener.raw = raw  # the database read around the store
+    yield opener
+    for store in opened:
+        store.close()
+
+
 class Clock:
     """A stand-in for manager.store's ``time`` module: time moves only when told."""
 
@@ -75,15 +129,15 @@ def user_version(path: Path) -> int:
 # --- pipelines ------------------------------------------------------------------------------
 
 
-def test_definition_and_plan_survive_reopening(db: Path, clock: Clock) -> None:
-    store = Store(db)
+def test_definition_and_plan_survive_reopening(open_store: Opener, clock: Clock) -> None:
+    store = open_store()
     written = store.put_pipeline(definition(), make_plan(revision=3))
     assert isinstance(written, PipelineRow)
     assert (written.name, written.revision) == ("endpointML", 3)
     assert written.created_at == written.updated_at == 1000.0
     store.close()
 
-    reopened = Store(db)
+    reopened = open_store()
     row = reopened.pipeline("endpointML")
     assert row == written
     assert row.plan == make_plan(revision=3)  # every field of every stage, as typed values
@@ -93,8 +147,8 @@ def test_definition_and_plan_survive_reopening(db: Path, clock: Clock) -> None:
     reopened.close()
 
 
-def test_replace_keeps_created_at_and_moves_updated_at(db: Path, clock: Clock) -> None:
-    store = Store(db)
+def test_replace_keeps_created_at_and_moves_updated_at(open_store: Opener, clock: Clock) -> None:
+    store = open_store()
     first = store.put_pipeline(definition(), make_plan(revision=1))
     clock.now = 2000.0
     new_definition = definition(chain=(f"{SCIKIT}/pm_scikit",))
@@ -104,32 +158,32 @@ def test_replace_keeps_created_at_and_moves_updated_at(db: Path, clock: Clock) -
     assert second.created_at == first.created_at == 1000.0
     assert second.updated_at == 2000.0
     store.close()
-    reopened = Store(db)
+    reopened = open_store()
     assert reopened.pipeline("endpointML") == second
     assert [p.name for p in reopened.pipelines()] == ["endpointML"]  # replaced, not added
 
 
-def test_pipelines_are_listed_by_name(db: Path) -> None:
-    store = Store(db)
+def test_pipelines_are_listed_by_name(open_store: Opener) -> None:
+    store = open_store()
     for name in ("zeta", "alpha", "mid"):
         store.put_pipeline(definition(name), make_plan(name))
     assert [p.name for p in store.pipelines()] == ["alpha", "mid", "zeta"]
     assert [p.plan.stages[0].route for p in store.pipelines()] == ["alpha.r1.s0", "mid.r1.s0", "zeta.r1.s0"]
 
 
-def test_put_pipelines_writes_all_in_one_call(db: Path, clock: Clock) -> None:
-    store = Store(db)
+def test_put_pipelines_writes_all_in_one_call(open_store: Opener, clock: Clock) -> None:
+    store = open_store()
     store.put_pipeline(definition("old"), make_plan("old", 1))
     clock.now = 1500.0
     rows = store.put_pipelines([(definition("new"), make_plan("new", 1)), (definition("old"), make_plan("old", 2))])
     assert [(r.name, r.revision, r.created_at, r.updated_at) for r in rows] == [("new", 1, 1500.0, 1500.0), ("old", 2, 1000.0, 1500.0)]
     store.close()
-    assert Store(db).pipelines() == sorted(rows, key=lambda r: r.name)
-    assert Store(db).put_pipelines([]) == []
+    assert open_store().pipelines() == sorted(rows, key=lambda r: r.name)
+    assert open_store().put_pipelines([]) == []
 
 
-def test_put_pipelines_writes_nothing_when_an_item_cannot_be_encoded(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = Store(db)
+def test_put_pipelines_writes_nothing_when_an_item_cannot_be_encoded(open_store: Opener, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = open_store()
     store.put_pipeline(definition("a"), make_plan("a", 1))
     encode = store_module.to_bytes
     calls = []
@@ -145,7 +199,7 @@ def test_put_pipelines_writes_nothing_when_an_item_cannot_be_encoded(db: Path, m
         store.put_pipelines([(definition("a"), make_plan("a", 2)), (definition("b"), make_plan("b", 1))])
     assert calls == ["a", "b"]
     store.close()
-    reopened = Store(db)
+    reopened = open_store()
     assert [(p.name, p.revision) for p in reopened.pipelines()] == [("a", 1)]
 
 
@@ -166,8 +220,8 @@ def test_put_pipelines_is_all_or_nothing_when_the_database_refuses_an_item(db: P
     assert [(p.name, p.revision) for p in Store(db).pipelines()] == [("a", 1)]
 
 
-def test_delete_pipelines(db: Path) -> None:
-    store = Store(db)
+def test_delete_pipelines(open_store: Opener) -> None:
+    store = open_store()
     for name in ("keep", "gone1", "gone2"):
         store.put_pipeline(definition(name), make_plan(name))
     assert store.delete_pipelines(["gone1", "never-existed", "gone2"]) == 2
@@ -178,15 +232,15 @@ def test_delete_pipelines(db: Path) -> None:
     assert store.delete_pipeline("keep") is False
     store.put_pipeline(definition("keep"), make_plan("keep"))
     store.close()
-    assert [p.name for p in Store(db).pipelines()] == ["keep"]
+    assert [p.name for p in open_store().pipelines()] == ["keep"]
 
 
-def test_unicode_and_nested_definition_round_trip(db: Path) -> None:
-    store = Store(db)
+def test_unicode_and_nested_definition_round_trip(open_store: Opener) -> None:
+    store = open_store()
     nested = {"name": "p", "note": "ünïcødé ✓", "nested": {"list": [1, 2.5, None, True]}}
     store.put_pipeline(nested, make_plan("p"))
     store.close()
-    assert Store(db).pipeline("p").definition == nested
+    assert open_store().pipeline("p").definition == nested
 
 
 def test_memory_store_is_empty_and_separate() -> None:
@@ -204,40 +258,40 @@ def test_a_new_file_is_at_the_current_schema_version(db: Path) -> None:
 # --- runtimes, instances, loaded models ----------------------------------------------------
 
 
-def test_runtimes_round_trip_and_replace(db: Path) -> None:
-    store = Store(db)
+def test_runtimes_round_trip_and_replace(open_store: Opener) -> None:
+    store = open_store()
     models = {"iris": {"versions": ["1"], "platform": "sklearn", "inputs": [], "outputs": []}}
     store.put_runtime("scikit", "oip", models)
     store.put_runtime("spark", "oip", {})
     store.close()
-    store = Store(db)
+    store = open_store()
     assert {r.name: (r.kind, r.models) for r in store.runtimes()} == {"scikit": ("oip", models), "spark": ("oip", {})}
     store.put_runtime("scikit", "triton", {})  # re-registration replaces
     store.close()
-    runtimes = {r.name: r for r in Store(db).runtimes()}
+    runtimes = {r.name: r for r in open_store().runtimes()}
     assert list(runtimes) == ["scikit", "spark"]
     assert (runtimes["scikit"].kind, runtimes["scikit"].models) == ("triton", {})
 
 
-def test_instances_put_replace_delete(db: Path) -> None:
-    store = Store(db)
+def test_instances_put_replace_delete(open_store: Opener) -> None:
+    store = open_store()
     store.put_instance(InstanceRow("i1", "scikit", "10.0.0.1", 9001, 1.0))
     store.put_instance(InstanceRow("i1", "scikit", "10.0.0.1", 9002, 2.0))
     store.put_instance(InstanceRow("i2", "spark", "10.0.0.2", 9003, 3.0))
     store.delete_instance("i2")
     store.delete_instance("missing")  # no error
     store.close()
-    assert Store(db).instances() == [InstanceRow("i1", "scikit", "10.0.0.1", 9002, 2.0)]
+    assert open_store().instances() == [InstanceRow("i1", "scikit", "10.0.0.1", 9002, 2.0)]
 
 
-def test_loaded_models_put_list_delete(db: Path) -> None:
-    store = Store(db)
+def test_loaded_models_put_list_delete(open_store: Opener) -> None:
+    store = open_store()
     store.put_loaded_model(LoadedModel("spark", "pm_spark", "1"))
     store.put_loaded_model(LoadedModel("scikit", "pm_scikit", "2"))
     store.put_loaded_model(LoadedModel("scikit", "pm_scikit", "1"))
     store.put_loaded_model(LoadedModel("scikit", "pm_scikit", "1"))  # twice: kept once
     store.close()
-    store = Store(db)
+    store = open_store()
     assert store.loaded_models() == [
         LoadedModel("scikit", "pm_scikit", "1"), LoadedModel("scikit", "pm_scikit", "2"), LoadedModel("spark", "pm_spark", "1"),
     ]
@@ -246,7 +300,7 @@ def test_loaded_models_put_list_delete(db: Path) -> None:
     store.delete_loaded_model(LoadedModel("scikit", "pm_scikit", "1"))
     store.delete_loaded_model(LoadedModel("scikit", "pm_scikit", "9"))  # absent: no error
     store.close()
-    assert Store(db).loaded_models("scikit") == [LoadedModel("scikit", "pm_scikit", "2")]
+    assert open_store().loaded_models("scikit") == [LoadedModel("scikit", "pm_scikit", "2")]
 
 
 # --- migration from schema version 0 --------------------------------------------------------
@@ -362,11 +416,12 @@ def test_a_failed_migration_leaves_the_version_0_data_in_place(db: Path) -> None
     assert user_version(db) == 0
 
 
-def test_health_is_none_while_the_database_answers_and_names_the_error_after(db: Path) -> None:
-    store = Store(db)
+def test_health_is_none_while_the_database_answers_and_names_the_error_after(open_store: Opener) -> None:
+    store = open_store()
     assert store.health() is None
     store.close()  # a closed connection stands for a database that stopped answering
-    assert "ProgrammingError" in (store.health() or "")
+    expected = {"sqlite": "ProgrammingError", "postgres": "OperationalError"}[open_store.backend]
+    assert expected in (store.health() or "")
 
 
 # --- crash ordering of pipeline changes (begin -> steps -> finish or abort)
@@ -377,23 +432,23 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 from manager.store import Store
 from tests.unit.test_store import definition, make_plan
-store = Store({db!r})
+store = {target}
 store.begin_change([(definition("a"), make_plan("a", 1)), (definition("b"), make_plan("b", 1))], [])
 store.finish_change()
 if {inside!r}:
     # killed inside begin_change's transaction, after the intent rows, before the new rows
-    Store._put = lambda self, items: os.kill(os.getpid(), signal.SIGKILL)
+    type(store)._put = lambda self, items: os.kill(os.getpid(), signal.SIGKILL)
 store.begin_change([(definition("a", ("x/y",)), make_plan("a", 2)), (definition("c"), make_plan("c", 1))], ["b"])
 os.kill(os.getpid(), signal.SIGKILL)  # killed after begin_change, before any later step
 """
 
 
-def _run_killed(db: Path, inside: bool) -> None:
+def _run_killed(open_store: Opener, inside: bool) -> None:
     import signal
     import subprocess
     import sys
 
-    child = subprocess.run([sys.executable, "-c", _KILLED_CHILD.format(root=str(ROOT), db=str(db), inside=inside)],
+    child = subprocess.run([sys.executable, "-c", _KILLED_CHILD.format(root=str(ROOT), target=open_store.target, inside=inside)],
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert child.returncode == -signal.SIGKILL, child.stderr
 
@@ -404,9 +459,9 @@ def test_writes_are_synchronous_full(db: Path) -> None:
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_a_manager_killed_after_begin_change_finds_the_new_state_and_the_intent(db: Path) -> None:
-    _run_killed(db, inside=False)
-    store = Store(db)
+def test_a_manager_killed_after_begin_change_finds_the_new_state_and_the_intent(open_store: Opener) -> None:
+    _run_killed(open_store, inside=False)
+    store = open_store()
     # the new state is what the store serves: a replaced, c created, b (being deleted) hidden
     assert [(r.name, r.revision, r.definition["chain"]) for r in store.pipelines()] == [
         ("a", 2, ["x/y"]), ("c", 1, definition()["chain"])]
@@ -422,19 +477,18 @@ def test_a_manager_killed_after_begin_change_finds_the_new_state_and_the_intent(
     store.finish_change()  # what the restarted manager does once every step is done
     assert store.pending_change() is None
     assert [r.name for r in store.pipelines()] == ["a", "c"]
-    with sqlite3.connect(db) as raw:
-        assert raw.execute("SELECT name FROM pipelines ORDER BY name").fetchall() == [("a",), ("c",)]
+    assert open_store.raw("SELECT name FROM pipelines ORDER BY name") == [("a",), ("c",)]
 
 
-def test_a_manager_killed_inside_begin_change_leaves_the_old_state_and_no_intent(db: Path) -> None:
-    _run_killed(db, inside=True)
-    store = Store(db)
+def test_a_manager_killed_inside_begin_change_leaves_the_old_state_and_no_intent(open_store: Opener) -> None:
+    _run_killed(open_store, inside=True)
+    store = open_store()
     assert store.pending_change() is None
     assert [(r.name, r.revision) for r in store.pipelines()] == [("a", 1), ("b", 1)]
 
 
-def test_abort_change_restores_every_previous_row(db: Path, clock: Clock) -> None:
-    store = Store(db)
+def test_abort_change_restores_every_previous_row(open_store: Opener, clock: Clock) -> None:
+    store = open_store()
     store.begin_change([(definition("a"), make_plan("a", 1)), (definition("b"), make_plan("b", 1))], [])
     store.finish_change()
     before = store.pipelines()
@@ -444,13 +498,12 @@ def test_abort_change_restores_every_previous_row(db: Path, clock: Clock) -> Non
     store.abort_change()
     assert store.pending_change() is None
     assert store.pipelines() == before  # definitions, plans, created_at and updated_at
-    assert Store(db).pipelines() == before
-    with sqlite3.connect(db) as raw:
-        assert raw.execute("SELECT name, revision FROM pipelines ORDER BY name").fetchall() == [("a", 1), ("b", 1)]
+    assert open_store().pipelines() == before
+    assert open_store.raw("SELECT name, revision FROM pipelines ORDER BY name") == [("a", 1), ("b", 1)]
 
 
-def test_begin_change_refuses_a_pipeline_both_put_and_deleted_and_writes_nothing(db: Path) -> None:
-    store = Store(db)
+def test_begin_change_refuses_a_pipeline_both_put_and_deleted_and_writes_nothing(open_store: Opener) -> None:
+    store = open_store()
     with pytest.raises(ValueError, match="both put and deleted"):
         store.begin_change([(definition("a"), make_plan("a", 1))], ["a"])
     assert store.pending_change() is None and store.pipelines() == []
