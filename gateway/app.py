@@ -19,17 +19,27 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from gateway.api import router
+from gateway.api import NDJSON, router
 from gateway.executor import Executor
 from gateway import openapi, v2
 from gateway.oip import PipelineInferenceService
 from gateway.oip_models import PipelineModels
 from gateway.pipelines import PipelineTable, WatchCredentials, watch_pipelines
+from gateway.served_by import ServedByMiddleware
 from gateway.settings import GatewaySettings
 from sluice.errors import error_response, error_responses, install_error_handlers
 from sluice.limits import BodyLimitMiddleware, InFlightLimit
 from sluice.metrics import mount_metrics
-from sluice.tracing import TracingMiddleware, Tracing
+from sluice.tracing import TracingMiddleware, Tracing, stage_work
+
+
+class PhasedExecutor(Executor):
+    """The executor, marking on the request's span when its stage calls began and ended, so
+    the span carries the gateway's parse and encode times (``sluice.tracing.stage_work``)."""
+
+    async def run(self, *args, **kwargs):
+        with stage_work():
+            return await super().run(*args, **kwargs)
 
 
 def create(settings: GatewaySettings, tracing: Tracing | None = None) -> tuple[FastAPI, grpc.aio.Server | None]:
@@ -37,7 +47,7 @@ def create(settings: GatewaySettings, tracing: Tracing | None = None) -> tuple[F
     tracing = tracing or Tracing("gateway", None)
     credentials = WatchCredentials.load(settings.xds_token, settings.xds_token_file, settings.xds_ca_file)
     table = PipelineTable()
-    executor = Executor(table, settings.egress, settings.max_message_bytes, tracing)
+    executor = PhasedExecutor(table, settings.egress, settings.max_message_bytes, tracing)
     models = PipelineModels(table, executor)
 
     grpc_server = None
@@ -50,7 +60,7 @@ def create(settings: GatewaySettings, tracing: Tracing | None = None) -> tuple[F
             ]
         )
         grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(PipelineInferenceService(table, executor, models), grpc_server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(PipelineInferenceService(table, executor, models, settings.stream_max_in_flight), grpc_server)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -71,6 +81,7 @@ def create(settings: GatewaySettings, tracing: Tracing | None = None) -> tuple[F
     app.state.executor = executor
     app.state.oip = models
     app.state.max_body_bytes = settings.max_body_bytes
+    app.state.stream_max_in_flight = settings.stream_max_in_flight
     install_error_handlers(app)
     _oip_errors_on_v2(app)
     app.include_router(router)
@@ -89,8 +100,10 @@ def create(settings: GatewaySettings, tracing: Tracing | None = None) -> tuple[F
     openapi.install(app, table)
     mount_metrics(app)
     # /v2 reads its bodies under the same limit itself (gateway.v2), answering in OIP's shape
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, overrides={r"/v2(/|$)": 1 << 62})
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, overrides={r"/v2(/|$)": 1 << 62},
+                       streamed=(NDJSON,))  # NDJSON streams: a limit per line (gateway.api)
     app.add_middleware(TracingMiddleware, tracing=tracing)
+    app.add_middleware(ServedByMiddleware)  # x-sluice-served-by, forwarded variant/sticky headers
     # outermost: shed beyond max_in_flight before any work; Retry-After on every 503
     app.add_middleware(InFlightLimit, max_in_flight=settings.max_in_flight, retry_after_s=settings.retry_after_s)
     return app, grpc_server

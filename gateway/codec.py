@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 from tritonclient.grpc import service_pb2 as pb
 
 from gateway.executor import RawTensor
+from gateway.graph import Answer
 from gateway.pipelines import CompiledPipeline
 from sluice.tensors import (
     DATATYPE_TO_DTYPE,
@@ -67,6 +68,10 @@ def encode_inputs(pipeline: CompiledPipeline, records: list[dict[str, Any]]) -> 
 def decode_outputs(outputs: dict[str, RawTensor], single: bool) -> bytes:
     arrays = {name: from_raw(raw, datatype, shape) for name, (datatype, shape, raw) in outputs.items()}
     records = arrays_to_records(arrays)
+    if isinstance(outputs, Answer):
+        for name, rows in outputs.absent.items():  # a graph's field that no stage gave these records
+            for row in rows:
+                records[row].pop(name, None)
     return orjson.dumps(records[0] if single and records else records)
 
 

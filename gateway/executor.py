@@ -1,5 +1,11 @@
 """Runs a pipeline: one OIP ModelInfer per stage through the sidecar's egress.
 
+A chain runs stage by stage. A graph (``gateway.pipelines.CompiledPipeline.linear``
+false) runs each stage as soon as the stages it waits for are done, so independent
+branches run concurrently; a stage with a condition gets only the records its switch
+gives it, and the answer is merged back in the request's record order
+(``gateway.graph``). A failed stage cancels the others and fails the request.
+
 The gateway never knows where a runtime is: each call carries the stage's route
 header (``sluice.wire.ROUTE_HEADER``) and Envoy's route picks the cluster, timeout
 and retries.
@@ -22,7 +28,7 @@ from opentelemetry import trace
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from gateway import metrics
+from gateway import graph, metrics, served_by
 from gateway.pipelines import CompiledPipeline, CompiledStage, PipelineTable
 from sluice.tensors import TensorError, raw_outputs
 from sluice.tracing import Tracing
@@ -74,25 +80,67 @@ class Executor:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def run(self, pipeline: CompiledPipeline, inputs: dict[str, RawTensor]) -> dict[str, RawTensor]:
-        current = inputs
+    async def run(self, pipeline: CompiledPipeline, inputs: dict[str, RawTensor]) -> graph.Answer:
+        """The answer's fields over every record (``graph.Answer``: a dict of raw tensors)."""
+        n = graph.batch_size(inputs)
+        parts = {graph.REQUEST: graph.Part(None, inputs)}
+        switches: dict = {}
         self.table.enter(pipeline)
         try:
-            for stage in pipeline.stages:
-                started = time.perf_counter()
-                try:
-                    if self.tracing.enabled:
-                        current = await self._traced_call(pipeline, stage, current)
-                    else:
-                        current = await self._call(stage, current, stage.metadata)
-                except StageFailed as exc:
-                    metrics.STAGE_ERRORS.labels(pipeline.name, str(stage.index), exc.code).inc()
-                    raise
-                finally:
-                    metrics.stage_seconds(pipeline.name, stage.index, stage.model).observe(time.perf_counter() - started)
+            if pipeline.linear:
+                for stage in pipeline.order:
+                    parts[stage.id] = await self._stage(pipeline, stage, parts, n, switches)
+            else:
+                await self._run_graph(pipeline, parts, n, switches)
         finally:
             self.table.leave(pipeline)
-        return current
+        return graph.answer(pipeline, parts, n)
+
+    async def _run_graph(self, pipeline: CompiledPipeline, parts: dict, n: int, switches: dict) -> None:
+        """Each stage as a task that starts once the stages it waits for are done."""
+        tasks: dict[str, asyncio.Future] = {}
+
+        async def one(stage: CompiledStage) -> None:
+            if stage.after:
+                await asyncio.gather(*(tasks[d] for d in stage.after))
+            parts[stage.id] = await self._stage(pipeline, stage, parts, n, switches)
+
+        for stage in pipeline.order:
+            tasks[stage.id] = asyncio.ensure_future(one(stage))
+        try:
+            await asyncio.gather(*tasks.values())
+        except BaseException:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            raise
+
+    async def _stage(self, pipeline: CompiledPipeline, stage: CompiledStage, parts: dict, n: int, switches: dict) -> graph.Part:
+        """Runs ``stage`` on its records (none: it is skipped) and returns what it gave."""
+        rows = graph.candidate_rows(stage, parts)
+        if stage.siblings:
+            try:
+                rows = graph.switch_rows(pipeline, stage, parts, n, switches)
+            except (IndexError, ValueError, TypeError) as exc:  # e.g. an index past a variable dimension's end
+                raise StageFailed(stage, 422, "condition_failed", f"its switch's conditions could not be evaluated: {exc}") from None
+        if rows is not None and len(rows) == 0:
+            return graph.Part(rows, {})
+        try:
+            current = graph.inputs_for(stage, parts, rows, n)
+        except KeyError as exc:
+            raise StageFailed(stage, 502, "stage_missing_input", f"no tensor {exc.args[0]!r} for the stage's inputs") from None
+        started = time.perf_counter()
+        try:
+            if self.tracing.enabled:
+                outputs = await self._traced_call(pipeline, stage, current)
+            else:
+                outputs = await self._call(stage, current, stage.metadata)
+        except StageFailed as exc:
+            metrics.STAGE_ERRORS.labels(pipeline.name, str(stage.index), exc.code).inc()
+            raise
+        finally:
+            metrics.stage_seconds(pipeline.name, stage.index, stage.model).observe(time.perf_counter() - started)
+        return graph.Part(rows, outputs)
 
     async def _traced_call(self, pipeline: CompiledPipeline, stage: CompiledStage, current: dict[str, RawTensor]) -> dict[str, RawTensor]:
         attributes = {
@@ -117,7 +165,10 @@ class Executor:
     async def _infer(self, request: pb.ModelInferRequest, metadata: tuple, timeout_s: float) -> pb.ModelInferResponse:
         for attempt in range(UNROUTED_RETRIES + 1):
             try:
-                return await self.stub.ModelInfer(request, metadata=metadata, timeout=timeout_s)
+                call = self.stub.ModelInfer(request, metadata=served_by.forwarded(metadata), timeout=timeout_s)
+                response = await call
+                served_by.record(metadata, response.model_version, await call.initial_metadata())  # x-sluice-served-by
+                return response
             except grpc.aio.AioRpcError as exc:
                 unrouted = exc.code() == grpc.StatusCode.UNIMPLEMENTED and UNROUTED in (exc.details() or "")
                 if not unrouted or attempt == UNROUTED_RETRIES:
@@ -127,11 +178,11 @@ class Executor:
 
     async def _call(self, stage: CompiledStage, current: dict[str, RawTensor], metadata: tuple) -> dict[str, RawTensor]:
         request = pb.ModelInferRequest(model_name=stage.model, model_version=stage.version)
-        for spec, source in zip(stage.inputs, stage.sources):
+        for spec in stage.inputs:  # ``current``: the stage's inputs by name (gateway.graph.inputs_for)
             try:
-                datatype, shape, raw = current[source]
+                datatype, shape, raw = current[spec.name]
             except KeyError:
-                raise StageFailed(stage, 502, "stage_missing_input", f"no tensor {source!r} for input {spec.name!r}") from None
+                raise StageFailed(stage, 502, "stage_missing_input", f"no tensor for input {spec.name!r}") from None
             tensor = request.inputs.add()
             tensor.name = spec.name
             tensor.datatype = datatype
@@ -142,7 +193,10 @@ class Executor:
         except grpc.aio.AioRpcError as exc:
             status, code = _STATUS.get(exc.code(), (502, "stage_failed"))
             details = exc.details() or exc.code().name
-            if _overloaded(exc):
+            if served_by.rate_limited(exc):  # Envoy's local rate limit (manager.xds.traffic)
+                status, code = 429, "rate_limited"
+                details = f"over the {served_by.rate_limited(exc)}'s rate limit; retry later"
+            elif _overloaded(exc):
                 status, code = 503, "stage_overloaded"
                 details = f"the stage's runtime is at its concurrency limit (Envoy: {details})"
             elif exc.code() == grpc.StatusCode.UNAVAILABLE and "timeout" in details:

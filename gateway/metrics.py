@@ -1,4 +1,5 @@
-"""The gateway's Prometheus metrics: requests, errors and latency per pipeline and per stage."""
+"""The gateway's Prometheus metrics: requests, errors and latency per pipeline and per stage, and
+stage calls per (pipeline, stage, runtime, version) that served them."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ STAGE_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 STAGE_ERRORS = Counter("sluice_gateway_stage_errors_total", "Failed stage calls", ["pipeline", "stage", "code"])
+#: answered stage calls by the variant that served them (``gateway.served_by``): a split is observable here
+STAGE_SERVED = Counter(
+    "sluice_gateway_stage_served_total", "Stage calls answered, by the runtime and model version that served them",
+    ["pipeline", "stage", "runtime", "version"],
+)
 
 
 # Label lookups cost more than observations; pipelines and stages are few, so cache the children.
@@ -34,6 +40,11 @@ def requests(pipeline: str, status: int):
 @lru_cache(maxsize=4096)
 def stage_seconds(pipeline: str, stage: int, model: str):
     return STAGE_SECONDS.labels(pipeline, str(stage), model)
+
+
+@lru_cache(maxsize=4096)
+def stage_served(pipeline: str, stage: str, runtime: str, version: str):
+    return STAGE_SERVED.labels(pipeline, stage, runtime, version)
 
 
 class PipelineStats:

@@ -13,6 +13,10 @@ A field's JSON type follows the input's datatype (``FP*``: number; ``INT*``/``UI
 integer within the type's range; ``BOOL``: boolean; ``BYTES``: a string or another scalar,
 sent as its text, null as empty) and its shape after the batch dimension (``[-1]``: a scalar per
 record; ``[-1, k]``: a list of k; ``-1`` inside: a list of any length).
+
+An ``application/x-ndjson`` body is a stream of such bodies, one per line, answered by an
+NDJSON stream with one line per line sent, in order: the answer, or an error line
+(``gateway.api``). OpenAPI cannot state a schema per line; the description says it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI
 
+from gateway.streaming import NDJSON
 from sluice.tensors import DATATYPE_TO_DTYPE, TensorSpec
+
+#: a streamed records body and its answer: lines of JSON (each line's shape is in the description)
+_NDJSON_SCHEMA = {"type": "string", "description": "newline-delimited JSON: one records body (or answer) per line"}
 
 #: records paths per pipeline, in the order the routes are declared
 SERVE_PREFIXES = ("/serve/", "/api/v1/serve/")
@@ -99,17 +107,27 @@ def serve_operation(pipeline) -> dict[str, Any]:
         "description": (
             "Fields of a record: the inputs of the first stage ("
             + ", ".join(f"`{s.name}` {s.datatype} {list(s.shape)}" for s in pipeline.inputs)
-            + "). Answers the last stage's outputs as records (one record for one record sent)."
+            + "). Answers the last stage's outputs as records (one record for one record sent). "
+            "With `Content-Type: application/x-ndjson` the body is a stream of such bodies, one per line; "
+            "each is answered as soon as it and every line before it are done, by one NDJSON line in "
+            "the lines' order: its answer, or `{\"error\": {\"code\", \"message\", \"details\": "
+            "{\"status\", \"line\", ...}}}` for a bad line, and the stream goes on."
         ),
         "operationId": f"serve_{pipeline.name}",
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": records_schema(record_schema(pipeline.inputs))}},
+            "content": {
+                "application/json": {"schema": records_schema(record_schema(pipeline.inputs))},
+                NDJSON: {"schema": _NDJSON_SCHEMA},
+            },
         },
         "responses": {
             "200": {
-                "description": "the last stage's outputs, as records",
-                "content": {"application/json": {"schema": records_schema(_answer_record(pipeline.outputs))}},
+                "description": "the last stage's outputs, as records (an NDJSON stream for an NDJSON body)",
+                "content": {
+                    "application/json": {"schema": records_schema(_answer_record(pipeline.outputs))},
+                    NDJSON: {"schema": _NDJSON_SCHEMA},
+                },
             },
             **{
                 status: {"description": what, "content": {"application/json": {"schema": _ERROR_REF}}}

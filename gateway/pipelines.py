@@ -7,6 +7,12 @@ acknowledges each version once applied, and on any failure (the manager gone, a
 broken message, a bug) logs it, keeps serving the last table, and reconnects with
 back-off; a new stream starts with the whole set again.
 
+Compiling states every pipeline as a graph (``sluice.plan.PipelinePlan.graph_form``):
+each stage with its id, the stages it waits for, where each input comes from, its
+parsed condition and its switch's siblings, and the stages in an order that runs
+each after what it waits for; a chain is the graph whose every stage waits for the one
+before (``CompiledPipeline.linear``).
+
 A message is compiled first and then applied without an await in between, so a
 request never sees a half-applied one.
 
@@ -30,8 +36,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from gateway import served_by
 from gateway.metrics import PipelineStats
-from sluice.plan import PipelinePlan
+from sluice import conditions
+from sluice.plan import REQUEST, AnswerField, PipelinePlan
 from sluice.plan_proto import from_proto
 from sluice.tensors import TensorSpec
 from sluice.v1 import pipeline_pb2, pipeline_pb2_grpc
@@ -53,9 +61,17 @@ class CompiledStage:
     version: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    sources: tuple[str, ...]  # for each input, the previous stage's output feeding it
+    sources: tuple[str, ...]  # for each input, the tensor feeding it (an output of ``source_stages``' stage)
     metadata: tuple[tuple[str, str], ...]  # gRPC headers Envoy routes and tags on
     timeout_s: float
+    # --- the graph (sluice.plan)
+    id: str = ""
+    source_stages: tuple[str, ...] = ()  # for each input, the id of the stage giving it (REQUEST: the request)
+    after: tuple[str, ...] = ()  # the stages it waits for
+    reads: tuple[str, ...] = ()  # the stages it reads (inputs, condition): it runs where all of them ran
+    condition: conditions.Node | None = None
+    default: bool = False
+    siblings: tuple[str, ...] = ()  # its switch's stages, in definition order (itself included)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,14 +81,21 @@ class CompiledPipeline:
     stages: tuple[CompiledStage, ...]
     #: this revision's OIP statistics (counters, mutable inside the frozen plan)
     stats: PipelineStats = field(default_factory=PipelineStats, compare=False, repr=False)
+    #: the request's fields and the answer's (a chain: the first stage's inputs, the last one's outputs)
+    request: tuple[TensorSpec, ...] = ()
+    answer: tuple[AnswerField, ...] = ()
+    #: the stages in an order that runs each after the stages it waits for
+    order: tuple[CompiledStage, ...] = ()
+    #: every stage waits for the one before and none has a condition: run one by one
+    linear: bool = True
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
-        return self.stages[0].inputs
+        return self.request or self.stages[0].inputs
 
     @property
     def outputs(self) -> tuple[TensorSpec, ...]:
-        return self.stages[-1].outputs
+        return tuple(f.spec for f in self.answer) if self.answer else self.stages[-1].outputs
 
     @property
     def version(self) -> str:
@@ -89,26 +112,64 @@ class CompiledPipeline:
 
 
 def compile_pipeline(plan: PipelinePlan, deadline_slack_ms: int) -> CompiledPipeline:
-    stages = tuple(
-        CompiledStage(
-            index=index,
-            name=s.name,
-            model=s.model,
-            version=s.version,
-            inputs=s.inputs,
-            outputs=s.outputs,
-            sources=tuple(s.source_of(t.name) for t in s.inputs),
-            metadata=(
-                (ROUTE_HEADER, s.route),
-                (PIPELINE_HEADER, plan.name),
-                (STAGE_HEADER, str(index)),
-                (MODEL_HEADER, s.model),
-            ),
-            timeout_s=(s.timeout_ms + deadline_slack_ms) / 1000,
+    named = plan.graph  # a chain's stages are known by their index (STAGE_HEADER)
+    plan = plan.graph_form()
+    stages = []
+    for index, s in enumerate(plan.stages):
+        by_input = {b.input: b for b in s.bindings}
+        bindings = [by_input.get(t.name) for t in s.inputs]
+        condition = conditions.parse(s.when) if s.when else None
+        reads = {b.stage for b in bindings if b is not None and b.stage != REQUEST}
+        if condition is not None:
+            reads |= {r.stage for r in conditions.refs(condition) if r.stage}
+        stages.append(
+            CompiledStage(
+                index=index,
+                name=s.name,
+                model=s.model,
+                version=s.version,
+                inputs=s.inputs,
+                outputs=s.outputs,
+                sources=tuple(b.source if b is not None else t.name for b, t in zip(bindings, s.inputs)),
+                metadata=(
+                    (ROUTE_HEADER, s.route),
+                    (PIPELINE_HEADER, plan.name),
+                    (STAGE_HEADER, str(index)),
+                    (MODEL_HEADER, s.model),
+                ) + served_by.stage_metadata(s.traffic.sticky, s.id if named else ""),
+                timeout_s=(s.timeout_ms + deadline_slack_ms) / 1000,
+                id=s.id,
+                source_stages=tuple(b.stage if b is not None else REQUEST for b in bindings),
+                after=s.after,
+                reads=tuple(sorted(reads)),
+                condition=condition,
+                default=s.default,
+                siblings=tuple(x.id for x in plan.siblings(s)),
+            )
         )
-        for index, s in enumerate(plan.stages)
+    order = _topological(stages)
+    linear = all(not (s.condition or s.default) for s in stages) and all(
+        s.after == ((order[i - 1].id,) if i else ()) for i, s in enumerate(order)
     )
-    return CompiledPipeline(plan.name, plan.revision, stages)
+    return CompiledPipeline(plan.name, plan.revision, tuple(stages), request=plan.request, answer=plan.answer,
+                            order=order, linear=linear)
+
+
+def _topological(stages: list[CompiledStage]) -> tuple[CompiledStage, ...]:
+    """The stages, each after those it waits for (definition order where free); the
+    manager refused cycles, so every stage is placed."""
+    placed: list[CompiledStage] = []
+    done: set[str] = set()
+    waiting = list(stages)
+    while waiting:
+        ready = [s for s in waiting if all(d in done for d in s.after)]
+        if not ready:
+            raise ValueError(f"stages {[s.id for s in waiting]} wait for each other in a cycle")
+        for s in ready:
+            placed.append(s)
+            done.add(s.id)
+        waiting = [s for s in waiting if s.id not in done]
+    return tuple(placed)
 
 
 class PipelineTable:

@@ -39,3 +39,7 @@ class GatewaySettings(BaseSettings):
     max_in_flight: int = Field(256, ge=1)
     #: the ``Retry-After`` (seconds) of every 503 the gateway answers (shed, stage overloaded or down)
     retry_after_s: int = Field(1, ge=1)
+    #: requests of one stream (gRPC ModelStreamInfer, or an NDJSON body's lines) run at once;
+    #: the next is read only once the oldest is answered (``gateway.streaming``), so a fast
+    #: sender is slowed by flow control, never queued without bound
+    stream_max_in_flight: int = Field(16, ge=1)

@@ -1,6 +1,11 @@
 """Turns a pipeline definition into its typed plan (``sluice.plan``), checked against
 model signatures.
 
+A definition that uses none of the graph fields (``after``, ``id``, ``when``,
+``default``, ``<stage>.<output>`` inputs) resolves to a chain plan, as it always did;
+otherwise to a graph plan (``manager.graph``), checked for cycles, unknown stage ids,
+edges whose tensors do not fit and conditions that do not parse or type.
+
 Each stage gets its runtime, model, signature, Envoy route key and input bindings
 (which output of the previous stage feeds which input). A stage that names an
 unknown runtime or model, or whose inputs the previous stage cannot feed, is refused
@@ -13,6 +18,7 @@ from typing import Any
 
 from manager.schemas import PipelineSpec, StageSpec
 from manager.store import RuntimeRow
+from manager.traffic_spec import resolve_traffic
 from sluice.errors import ApiError
 from sluice.plan import Binding, PipelinePlan, StagePlan
 from sluice.tensors import TensorSpec
@@ -20,6 +26,10 @@ from sluice.wire import route_key
 
 
 def resolve(spec: PipelineSpec, revision: int, runtimes: dict[str, RuntimeRow], default_timeout_ms: int) -> PipelinePlan:
+    if is_graph(spec):
+        from manager.graph import resolve_graph
+
+        return resolve_graph(spec, revision, runtimes, default_timeout_ms)
     stages: list[StagePlan] = []
     for index, stage in enumerate(spec.stage_list()):
         signature = _signature(index, stage, runtimes)
@@ -35,9 +45,32 @@ def resolve(spec: PipelineSpec, revision: int, runtimes: dict[str, RuntimeRow], 
                 inputs=inputs,
                 outputs=outputs,
                 bindings=_bindings(index, stage, inputs, stages[-1]) if stages else (),
+                traffic=resolve_traffic(index, stage, runtimes),
             )
         )
-    return PipelinePlan(spec.name, revision, spec.transportType, tuple(stages))
+    rate_limit = spec.rate_limit.plan() if spec.rate_limit is not None else None
+    return PipelinePlan(spec.name, revision, spec.transportType, tuple(stages), rate_limit=rate_limit)
+
+
+def is_graph(spec: PipelineSpec) -> bool:
+    """Whether the definition uses any graph field (else it is a chain, resolved as before)."""
+    ids = {s.id for s in spec.stages or [] if s.id}
+    return any(
+        s.after is not None or s.id or s.when or s.default
+        or any(v.partition(".")[0] in ids or v.partition(".")[0].isdigit() and "." in v for v in (s.inputs or {}).values())
+        for s in spec.stages or []
+    )
+
+
+def stage_signature(index: int, stage: StageSpec, runtimes: dict[str, RuntimeRow]) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The stage's model's inputs and outputs (422 for an unknown runtime, model or version)."""
+    signature = _signature(index, stage, runtimes)
+    return _tensors(signature["inputs"]), _tensors(signature["outputs"])
+
+
+def check_compatible(index: int, stage: StageSpec, wanted: TensorSpec, given: TensorSpec) -> None:
+    """422 unless ``given`` (an output) can feed ``wanted`` (an input)."""
+    _check_compatible(index, stage, wanted, given)
 
 
 def _tensors(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:

@@ -13,9 +13,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema, WithJsonSchema
 
+from manager.traffic_spec import RateLimitSpec, StageTrafficFields
 from sluice.plan import StagePlan
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+#: a stage id: no dots (``<stage-id>.<output>`` names an output)
+STAGE_ID = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$"
 _CHAIN_ENTRY = re.compile(r"^(?P<runtime>[A-Za-z0-9][A-Za-z0-9_.-]*)/(?P<model>[A-Za-z0-9][A-Za-z0-9_.-]*)(?::(?P<version>[A-Za-z0-9_.-]+))?$")
 
 
@@ -36,7 +39,7 @@ class TensorSpecModel(BaseModel):
     shape: list[int]
 
 
-class StageSpec(BaseModel):
+class StageSpec(StageTrafficFields):  # traffic, mirror, sticky, retries, rate_limit, ... (manager.traffic_spec)
     model_config = ConfigDict(strict=True, extra="forbid")
 
     runtime: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -44,8 +47,18 @@ class StageSpec(BaseModel):
     version: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
     name: str | None = None
     timeout_ms: json_int(gt=0, le=600_000) | None = None
-    #: input tensor -> output tensor of the previous stage (default: same name, or the only one)
+    #: input tensor -> output tensor of the previous stage (default: same name, or the only one);
+    #: in a graph, "<stage-id>.<output>" or a request field
     inputs: dict[str, str] | None = None
+    #: the stage's id in a graph (default: its index), as ``after``, ``inputs`` and ``when`` name it
+    id: str | None = Field(None, pattern=STAGE_ID)
+    #: the stages this one runs after; given on any stage, the definition is a graph
+    #: (a stage without it is a root, or waits for what its inputs and condition read)
+    after: Annotated[list[Annotated[str, Field(pattern=STAGE_ID)]], Field(max_length=64)] | None = None
+    #: per-record condition over earlier outputs (``sluice.conditions``): other records skip this stage
+    when: str | None = Field(None, min_length=1, max_length=1000)
+    #: takes the records that no sibling's (same ``after``) condition took
+    default: bool = False
 
     @property
     def label(self) -> str:
@@ -79,6 +92,8 @@ class PipelineSpec(BaseModel):
     #: entries are checked by ``parse_chain_entry`` (its message shows the expected form); the schema states the same rule
     chain: Annotated[list[Annotated[str, WithJsonSchema({"type": "string", "pattern": CHAIN_ENTRY_PATTERN})]], Field(min_length=1, max_length=64)] | SkipJsonSchema[None] = None
     stages: Annotated[list[StageSpec], Field(min_length=1, max_length=64)] | SkipJsonSchema[None] = None
+    #: the pipeline's own rate limit (Envoy's local rate limit, on its first stage's call)
+    rate_limit: RateLimitSpec | None = None
 
     @field_validator("chain", "stages", mode="before")
     @classmethod
@@ -100,6 +115,12 @@ class PipelineSpec(BaseModel):
 
 
 class StageOut(BaseModel):
+    #: the stage's id in a graph; null in a chain
+    id: str | None = None
+    #: the stages it waits for (a graph's edges)
+    after: list[str] = []
+    when: str | None = None
+    default: bool = False
     name: str
     runtime: str
     model: str
@@ -117,7 +138,8 @@ class StageOut(BaseModel):
             route=stage.route, timeout_ms=stage.timeout_ms,
             inputs=[TensorSpecModel(**t.as_dict()) for t in stage.inputs],
             outputs=[TensorSpecModel(**t.as_dict()) for t in stage.outputs],
-            bindings={b.input: b.source for b in stage.bindings},
+            bindings={b.input: f"{b.stage}.{b.source}" if b.stage else b.source for b in stage.bindings},
+            id=stage.id or None, after=list(stage.after), when=stage.when or None, default=stage.default,
         )
 
 

@@ -1,10 +1,20 @@
-"""Trains the iris example: ``iris_scaler`` (StandardScaler) and ``iris_classifier``.
+"""Trains the iris examples: ``iris_scaler`` (StandardScaler), ``iris_classifier``
+(logistic regression), ``iris_tree`` (a decision tree) and ``iris_vote``.
 
 Deterministic: the data ships with scikit-learn and both estimators are fitted
 without randomness, so every build produces the same predictions. The scaler reads
 the four measurements as named columns and outputs one ``features`` tensor; the
 classifier reads ``features`` and outputs the class name (``label``) and the class
 ``probabilities``, so the two chain as a pipeline with no glue.
+
+The ensemble example (``iris-ensemble``: scale, then ``iris_classifier`` and
+``iris_tree`` side by side, then ``iris_vote``) needs two more: ``iris_tree`` reads
+``features`` like the classifier and answers the same two outputs, and ``iris_vote``
+reads two probability vectors ``p1`` and ``p2`` and answers their mean
+(``probabilities``) and its most likely class (``label``). The vote is a linear
+classifier with fixed weights, not a fitted one: its decision function on
+``[p1, p2]`` is ``(p1 + p2) / 2`` and ``predict`` is that mean's arg-max, named by the
+class; so it is plain scikit-learn, which the scikit runtime unpickles like any model.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import numpy as np
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+from sklearn.tree import DecisionTreeClassifier
 
 from models.manifest import tensor, version_dir, write_manifest
 
@@ -56,3 +67,45 @@ def train(root: Path) -> None:
         artifact="model.joblib",
         classes=[str(c) for c in classifier.classes_],
     )
+
+    tree = DecisionTreeClassifier(max_depth=3, random_state=0).fit(scaler.transform(X), y)
+    path = version_dir(root, "iris_tree")
+    joblib.dump(tree, path / "model.joblib")
+    write_manifest(
+        path,
+        "sklearn",
+        inputs=[tensor("features", "FP64", [-1, 4])],
+        outputs=[
+            tensor("label", "BYTES", [-1], method="predict"),
+            tensor("probabilities", "FP64", [-1, 3], method="predict_proba"),
+        ],
+        artifact="model.joblib",
+        classes=[str(c) for c in tree.classes_],
+    )
+
+    vote = mean_vote(classifier.classes_)
+    path = version_dir(root, "iris_vote")
+    joblib.dump(vote, path / "model.joblib")
+    write_manifest(
+        path,
+        "sklearn",
+        inputs=[tensor("p1", "FP64", [-1, 3]), tensor("p2", "FP64", [-1, 3])],
+        outputs=[
+            tensor("label", "BYTES", [-1], method="predict"),
+            tensor("probabilities", "FP64", [-1, 3], method="decision_function"),
+        ],
+        artifact="model.joblib",
+        classes=[str(c) for c in vote.classes_],
+    )
+
+
+def mean_vote(classes: np.ndarray) -> LogisticRegression:
+    """A linear classifier over ``[p1, p2]`` (two probability vectors side by side) whose
+    decision function is their mean and whose ``predict`` is the mean's arg-max class."""
+    k = len(classes)
+    vote = LogisticRegression()
+    vote.classes_ = np.asarray(classes, dtype=object)
+    vote.coef_ = 0.5 * np.hstack([np.eye(k), np.eye(k)])
+    vote.intercept_ = np.zeros(k)
+    vote.n_features_in_ = 2 * k
+    return vote

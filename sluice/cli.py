@@ -1,6 +1,14 @@
 """The ``sluice`` command: ``sluice up`` starts the whole mesh locally; ``sluice status``
 shows what it serves; ``sluice models``, ``sluice upload`` and ``sluice predict`` bring
-a model in and call a pipeline (through the SDK, ``sluice.client``).
+a model in and call a pipeline (through the SDK, ``sluice.client``); ``sluice trace``
+shows where one request's time went, hop by hop (``sluice.attribution``).
+
+``sluice status``'s per-stage model time vs mesh time comes from recent traces (Zipkin),
+not from metrics: the split needs the model's time and the stage call's time *of the
+same call*, and metrics only hold each side's histogram, in different processes (the
+runtimes' by model, not by pipeline stage), whose p50s do not subtract into the p50 of
+the mesh's time. Traces hold both per request; the price is that only sampled requests
+count (``SLUICE_TRACE_SAMPLE_RATE``) and nothing shows when tracing is off.
 """
 
 from __future__ import annotations
@@ -16,12 +24,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sluice import attribution
 from sluice.local import zipkin
 from sluice.client import Client, SluiceError, default_token
 from sluice.local.mesh import LocalMesh, MeshPorts, default_runtimes, workdir_default
 from sluice.metrics import histogram_quantiles
 from sluice.local.healer import Healer
 from sluice.local.procs import StartError
+from sluice.trace_query import ZipkinError, fetch_trace, recent_traces
 
 app = typer.Typer(add_completion=False, help="Sluice: a pipeline-serving mesh for ML models.")
 console = Console()
@@ -101,8 +111,11 @@ def status(
     manager: str = typer.Option("http://127.0.0.1:8080", envvar="SLUICE_MANAGER_URL", help="manager URL"),
     gateway: str = typer.Option("http://127.0.0.1:8083", help="gateway URL (for latency)"),
     token: str = typer.Option(None, envvar="SLUICE_TOKEN", help="API token (Bearer; default: $SLUICE_HOME/admin.token)"),
+    zipkin_url: str = typer.Option("http://127.0.0.1:9411", "--zipkin", envvar="SLUICE_ZIPKIN_URL", help="Zipkin URL (per-stage model vs mesh time)"),
+    traces: int = typer.Option(100, "--traces", min=1, help="recent traced requests per pipeline for the per-stage times"),
 ) -> None:
-    """Pipelines, their stages and latency; runtimes with their health."""
+    """Pipelines, their stages and latency; per stage the p50 of model time vs mesh time over
+    recent traced requests; runtimes with their health."""
     token = token or default_token(manager)
     headers = {"authorization": f"Bearer {token}"} if token else {}
     try:
@@ -124,6 +137,7 @@ def status(
         p50, p99 = (f"{q[0.5] * 1000:.2f}", f"{q[0.99] * 1000:.2f}") if q else ("-", "-")
         table.add_row(p["name"], str(p["revision"]), " -> ".join(s["name"] for s in p["stages"]), p50, p99)
     console.print(table)
+    _print_stage_times([p["name"] for p in pipelines], zipkin_url, traces)
     table = Table(title="runtimes")
     for column in ("runtime", "kind", "instances", "models"):
         table.add_column(column)
@@ -131,6 +145,103 @@ def status(
         table.add_row(r["name"], r["kind"], _instances_health(r["instances"]), ", ".join(m["name"] for m in r["models"]))
     console.print(table)
     _print_sidecars(manager, headers)
+
+
+def _print_stage_times(pipelines: list[str], zipkin_url: str, limit: int) -> None:
+    """Per stage, the p50 of model time and of mesh time over the pipelines' recent traces."""
+    found: list[attribution.Attribution] = []
+    try:
+        for name in pipelines:
+            for spans in recent_traces(zipkin_url, name, limit):
+                if attribution.complete(spans):  # a request whose hops have all reached Zipkin
+                    found.append(attribution.attribute(spans))
+    except ZipkinError as exc:
+        console.print(f"per-stage model vs mesh time: [yellow]{exc}[/yellow] (is tracing on? --zipkin / SLUICE_ZIPKIN_URL)")
+        return
+    summaries = attribution.summarize_stages(found)
+    table = Table(title=f"stages: p50 model time vs mesh time (last {limit} traced requests per pipeline, from Zipkin)")
+    for column in ("pipeline", "stage", "model", "requests", "p50 call ms", "p50 model ms", "p50 mesh ms", "mesh share"):
+        table.add_column(column, justify="right" if column.endswith(("ms", "requests", "share")) else "left")
+    for s in summaries:
+        share = s.mesh_p50_us / s.call_p50_us if s.call_p50_us else 0.0
+        table.add_row(s.pipeline, s.stage, s.model, str(s.requests), f"{s.call_p50_us / 1000:.2f}",
+                      f"{s.model_p50_us / 1000:.2f}", f"{s.mesh_p50_us / 1000:.2f}", f"{share:.0%}")
+    if not summaries:
+        table.caption = "no traced requests yet"
+    console.print(table)
+
+
+@app.command()
+def trace(
+    trace_id: str = typer.Argument(..., help="the trace id (every answer's x-trace-id header)"),
+    zipkin_url: str = typer.Option("http://127.0.0.1:9411", "--zipkin", envvar="SLUICE_ZIPKIN_URL", help="Zipkin URL"),
+    wait: float = typer.Option(10.0, "--wait", min=0, help="seconds to wait for every hop's spans (each Envoy sends its spans every 5 s)"),
+    as_json: bool = typer.Option(False, "--json", help="print the attribution as JSON"),
+) -> None:
+    """One request as a waterfall: each hop's own time (gateway parse/queue/encode, Envoy hops,
+    runtime queue, model compute, the way back), and the mesh's share of the request's time."""
+    try:
+        spans = fetch_trace(zipkin_url, trace_id, wait_s=wait)
+        result = attribution.attribute(spans)
+    except (ZipkinError, attribution.TraceError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(result.to_json()))
+        return
+    if not attribution.complete(spans):
+        console.print(f"[yellow]the trace is not whole yet (waited {wait:g} s): some hops' spans have not reached Zipkin[/yellow]")
+    _print_waterfall(result)
+
+
+#: characters of a waterfall bar
+BAR_WIDTH = 32
+
+
+def _bar(offset_us: int, duration_us: int, total_us: int) -> str:
+    total = max(total_us, 1)
+    start = min(BAR_WIDTH - 1, offset_us * BAR_WIDTH // total)
+    length = max(1, min(BAR_WIDTH - start, round(duration_us * BAR_WIDTH / total)))
+    return " " * start + "█" * length + " " * (BAR_WIDTH - start - length)
+
+
+def _print_waterfall(a: attribution.Attribution) -> None:
+    total = a.total_us
+    table = Table(title=f"trace {a.trace_id}" + (f" ({a.pipeline})" if a.pipeline else "") + f": {total / 1000:.2f} ms at the front door")
+    for column in ("span", "hop (own ms)", "start ms", "ms", "own ms", "back ms", "waterfall"):
+        table.add_column(column, justify="right" if column in ("start ms", "ms", "own ms", "back ms") else "left", no_wrap=column == "waterfall")
+    for row in a.rows:
+        parts = ", ".join(f"{hop.value} {us / 1000:.2f}" for hop, us in row.parts if us or len(row.parts) == 1)
+        label = "  " * row.depth + f"{row.span.service}: {row.span.name}"
+        style = None if row.critical else "dim"
+        table.add_row(label, parts + ("" if row.critical else " (in parallel: not counted)"),
+                      f"{row.offset_us / 1000:.2f}", f"{row.span.duration_us / 1000:.2f}", f"{row.own_us / 1000:.2f}",
+                      f"{row.back_us / 1000:.2f}" if row.back_us else "", _bar(row.offset_us, row.span.duration_us, total),
+                      style=style)
+    console.print(table)
+    hops = Table(title="own time per hop (critical path)")
+    for column in ("hop", "ms", "share"):
+        hops.add_column(column, justify="left" if column == "hop" else "right")
+    attributed = max(a.attributed_us, 1)
+    for hop, us in a.hops().items():
+        hops.add_row(hop.value, f"{us / 1000:.2f}", f"{us / attributed:.1%}")
+    hops.add_section()
+    hops.add_row("the way back (part of the above)", f"{a.back_us / 1000:.2f}", f"{a.back_us / attributed:.1%}")
+    hops.add_row("[bold]model[/bold]", f"{a.model_us / 1000:.2f}", f"{a.model_us / attributed:.1%}")
+    hops.add_row("[bold]mesh[/bold] (everything else)", f"{a.mesh_us / 1000:.2f}", f"{a.mesh_share:.1%}")
+    hops.add_row("  of which Envoy", f"{a.envoy_us / 1000:.2f}", f"{a.envoy_us / attributed:.1%}")
+    hops.add_row("total", f"{a.attributed_us / 1000:.2f}", "100.0%")
+    console.print(hops)
+    if a.stages:
+        stages = Table(title="stage calls")
+        for column in ("stage", "model", "call ms", "model ms", "mesh ms"):
+            stages.add_column(column, justify="right" if column.endswith("ms") else "left")
+        for s in a.stages:
+            stages.add_row(s.stage, s.model + ("" if s.critical else " (in parallel)"), f"{s.call_us / 1000:.2f}",
+                           f"{s.model_us / 1000:.2f}", f"{s.mesh_us / 1000:.2f}")
+        console.print(stages)
+    if a.detached:
+        console.print(f"[yellow]{a.detached} span(s) of this trace hang under no span of the request (their parents are missing) and are not counted[/yellow]")
 
 
 def _print_sidecars(manager: str, headers: dict[str, str]) -> None:

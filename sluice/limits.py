@@ -4,7 +4,9 @@
 
 Body limit: checks ``Content-Length`` up front and counts streamed (chunked) bodies as
 they arrive, so an oversized upload is refused without being buffered. Paths matching
-``overrides`` (a regex -> limit) get their own limit, e.g. model uploads.
+``overrides`` (a regex -> limit) get their own limit, e.g. model uploads. Bodies of a
+``streamed`` content type (e.g. NDJSON record streams) pass unlimited: their handler
+limits each part itself.
 """
 
 from __future__ import annotations
@@ -19,16 +21,25 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app, max_bytes: int, overrides: dict[str, int] | None = None):
+    def __init__(self, app, max_bytes: int, overrides: dict[str, int] | None = None, streamed: tuple[str, ...] = ()):
         self.app = app
         self.max_bytes = max_bytes
         self.overrides = [(re.compile(pattern), limit) for pattern, limit in (overrides or {}).items()]
+        self.streamed = {t.lower().encode() for t in streamed}
+
+    def _is_streamed(self, headers) -> bool:
+        if not self.streamed:
+            return False
+        for key, value in headers:
+            if key == b"content-type":
+                return value.split(b";", 1)[0].strip().lower() in self.streamed
+        return False
 
     def _limit(self, path: str) -> int:
         return next((limit for pattern, limit in self.overrides if pattern.match(path)), self.max_bytes)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or self._is_streamed(scope.get("headers", ())):
             return await self.app(scope, receive, send)
         limit = self._limit(scope.get("path", ""))
         for key, value in scope.get("headers", ()):

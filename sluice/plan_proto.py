@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from sluice.plan import Binding, PipelinePlan, StagePlan
+from sluice.plan import AnswerField, Binding, PipelinePlan, Source, StagePlan
+from sluice import traffic
 from sluice.tensors import TensorSpec
 from sluice.v1 import pipeline_pb2
 
@@ -31,9 +32,23 @@ def to_proto(plan: PipelinePlan) -> pipeline_pb2.Pipeline:
                 timeout_ms=s.timeout_ms,
                 inputs=[_tensor_to_proto(t) for t in s.inputs],
                 outputs=[_tensor_to_proto(t) for t in s.outputs],
-                bindings=[pipeline_pb2.InputBinding(input=b.input, source=b.source) for b in s.bindings],
+                bindings=[pipeline_pb2.InputBinding(input=b.input, source=b.source, stage=b.stage) for b in s.bindings],
+                traffic=traffic.to_proto(s.traffic),
+                id=s.id,
+                after=s.after,
+                when=s.when,
+                is_default=s.default,
             )
             for s in plan.stages
+        ],
+        rate_limit=traffic.rate_limit_to_proto(plan.rate_limit),
+        request=[_tensor_to_proto(t) for t in plan.request],
+        answer=[
+            pipeline_pb2.AnswerField(
+                spec=_tensor_to_proto(f.spec),
+                sources=[pipeline_pb2.StageOutput(stage=x.stage, output=x.output) for x in f.sources],
+            )
+            for f in plan.answer
         ],
     )
 
@@ -53,9 +68,20 @@ def from_proto(message: pipeline_pb2.Pipeline) -> PipelinePlan:
                 timeout_ms=s.timeout_ms,
                 inputs=tuple(_tensor_from_proto(t) for t in s.inputs),
                 outputs=tuple(_tensor_from_proto(t) for t in s.outputs),
-                bindings=tuple(Binding(b.input, b.source) for b in s.bindings),
+                bindings=tuple(Binding(b.input, b.source, b.stage) for b in s.bindings),
+                traffic=traffic.from_proto(s.traffic),
+                id=s.id,
+                after=tuple(s.after),
+                when=s.when,
+                default=s.is_default,
             )
             for s in message.stages
+        ),
+        rate_limit=traffic.rate_limit_from_proto(message.rate_limit, message.HasField("rate_limit")),
+        request=tuple(_tensor_from_proto(t) for t in message.request),
+        answer=tuple(
+            AnswerField(_tensor_from_proto(f.spec), tuple(Source(x.stage, x.output) for x in f.sources))
+            for f in message.answer
         ),
     )
 

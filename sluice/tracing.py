@@ -8,12 +8,24 @@ hop. The sampler follows the parent's decision, so Envoy's sampling rules all.
 Tracing never sits on the request path: spans are exported by a background batch
 processor with a short timeout, and an unreachable Zipkin only costs dropped spans.
 With no ``SLUICE_ZIPKIN_URL``, ``Tracing.enabled`` is false and callers skip all work.
+
+Spans carry the times a process knows about its own part of a request, as tags in
+milliseconds, so Zipkin shows them and ``sluice.attribution`` splits each hop's own
+time with them: a server span's ``sluice.parse_ms`` (from the span's start until its
+first stage call: reading and parsing the body into tensors) and ``sluice.encode_ms``
+(from its last stage call's answer until the response starts: tensors back to JSON),
+marked by ``stage_work()`` around the gateway's executor; a runtime's
+``sluice.queue_ms`` (waiting for a predict thread) and ``sluice.compute_ms`` (the
+model's ``predict``), set by ``tag_model_time``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -22,6 +34,72 @@ from opentelemetry.propagators.b3 import B3MultiFormat
 from sluice.settings import CommonSettings
 
 _propagator = B3MultiFormat()
+
+#: tags (milliseconds) a process puts on its own span; ``sluice.attribution`` reads them
+PARSE_MS_TAG = "sluice.parse_ms"
+ENCODE_MS_TAG = "sluice.encode_ms"
+QUEUE_MS_TAG = "sluice.queue_ms"
+COMPUTE_MS_TAG = "sluice.compute_ms"
+
+
+def _ms(ns: int) -> float:
+    return round(ns / 1e6, 3)
+
+
+class RequestPhases:
+    """When a server span's stage work began and ended (``time.perf_counter_ns``); what
+    came before is parsing, what comes after until the response starts is encoding.
+    Work marked several times (a stream) counts from its first start to its last end."""
+
+    __slots__ = ("span", "started_ns", "work_started_ns", "work_ended_ns", "encoded")
+
+    def __init__(self, span: trace.Span):
+        self.span = span
+        self.started_ns = time.perf_counter_ns()
+        self.work_started_ns: int | None = None
+        self.work_ended_ns: int | None = None
+        self.encoded = False
+
+    def begin_work(self) -> None:
+        if self.work_started_ns is None:
+            self.work_started_ns = time.perf_counter_ns()
+            self.span.set_attribute(PARSE_MS_TAG, _ms(self.work_started_ns - self.started_ns))
+
+    def end_work(self) -> None:
+        self.work_ended_ns = time.perf_counter_ns()
+
+    def response_started(self) -> None:
+        """Tag the encoding time once, when the answer starts to leave (or the span ends)."""
+        if self.work_ended_ns is not None and not self.encoded:
+            self.encoded = True
+            self.span.set_attribute(ENCODE_MS_TAG, _ms(time.perf_counter_ns() - self.work_ended_ns))
+
+
+_PHASES: contextvars.ContextVar[RequestPhases | None] = contextvars.ContextVar("sluice_request_phases", default=None)
+
+
+@contextlib.contextmanager
+def stage_work() -> Iterator[None]:
+    """Mark the current server span's stage work (the gateway wraps its executor's run in
+    it); nothing when the request is not traced."""
+    phases = _PHASES.get()
+    if phases is None:
+        yield
+        return
+    phases.begin_work()
+    try:
+        yield
+    finally:
+        phases.end_work()
+
+
+def tag_model_time(queue_s: float, compute_s: float) -> None:
+    """Tag the current span (a runtime's inference span) with the time the call waited for
+    a predict thread and the time the model computed; nothing when it is not recording."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute(QUEUE_MS_TAG, round(queue_s * 1e3, 3))
+        span.set_attribute(COMPUTE_MS_TAG, round(compute_s * 1e3, 3))
 
 
 class Tracing:
@@ -43,11 +121,27 @@ class Tracing:
         """A gRPC call's text metadata (its B3 headers and x-sluice-* tags among them)."""
         return {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
 
-    def server_span(self, name: str, carrier: Mapping[str, str], attributes: dict | None = None):
-        """A SERVER span continuing the trace ``carrier`` (HTTP headers or gRPC metadata) holds."""
-        return self.tracer.start_as_current_span(
+    @contextlib.contextmanager
+    def server_span(self, name: str, carrier: Mapping[str, str], attributes: dict | None = None) -> Iterator[trace.Span]:
+        """A SERVER span continuing the trace ``carrier`` (HTTP headers or gRPC metadata) holds;
+        the stage work done under it (``stage_work``) is tagged on it as parse and encode time."""
+        with self.tracer.start_as_current_span(
             name, context=self.extract(carrier), kind=trace.SpanKind.SERVER, attributes=attributes
-        )
+        ) as span:
+            phases = RequestPhases(span)
+            token = _PHASES.set(phases)
+            try:
+                yield span
+            finally:
+                phases.response_started()
+                _PHASES.reset(token)
+
+    @staticmethod
+    def response_started() -> None:
+        """The current request's answer starts to leave: tag its encoding time."""
+        phases = _PHASES.get()
+        if phases is not None:
+            phases.response_started()
 
     @staticmethod
     def inject(carrier: dict[str, str]) -> dict[str, str]:
@@ -116,6 +210,7 @@ class TracingMiddleware:
 
             async def send_with_trace_id(message):
                 if message["type"] == "http.response.start":
+                    self.tracing.response_started()
                     message["headers"] = [*message.get("headers", []), (b"x-trace-id", trace_id)]
                     span.set_attribute("http.status_code", message["status"])
                     if message["status"] >= 500:

@@ -30,8 +30,9 @@ from manager.ca import CertificateAuthority, Issued
 from manager.xds.resources import (
     CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SCOPED_ROUTE, SECRET, MeshSettings, NodeInfo,
     endpoints_resource, node_resources, pipeline_scope_resource, retry_policy, runtime_cluster_resource,
-    secret_resources, uses_mtls,
+    secret_resources, stage_cluster_resources, stage_endpoints_resource, uses_mtls,
 )
+from manager.xds.traffic import stage_runtimes
 from manager.xds.ingress_auth import public_ingress
 from manager.xds.snapshot import ResourceSet, Snapshot, resource
 from sluice.plan import PipelinePlan
@@ -50,6 +51,11 @@ class MeshLayers:
         self.clusters = ResourceSet("runtime-clusters", {})
         self.endpoints = ResourceSet("runtime-endpoints", {})
         self.scopes = ResourceSet("pipeline-scopes", {})
+        #: clusters of stages with their own outlier detection / circuit breakers (manager.xds.traffic)
+        self.stage_clusters = ResourceSet("stage-clusters", {})
+        self.stage_endpoints = ResourceSet("stage-endpoints", {})
+        self._stage_cluster_names: dict[str, frozenset[str]] = {}
+        self._stage_cluster_runtimes: dict[str, str] = {}  # stage cluster -> its runtime
         self._runtimes: set[str] = set()
         self._endpoint_sets: dict[str, tuple[tuple[str, int], ...]] = {}
         self._nodes: dict[NodeInfo, dict[str, ResourceSet]] = {}
@@ -62,16 +68,31 @@ class MeshLayers:
         """Each named pipeline's live revisions (an empty list withdraws the pipeline)."""
         upserts = []
         removals = []
+        cluster_upserts, cluster_removals, endpoint_upserts = [], [], []
         for name, revisions in pipelines.items():
+            own = [c for plan in revisions for c in stage_cluster_resources(plan, self.settings.limits)]
+            names = frozenset(c.name for c, _ in own)
+            for cluster, runtime in own:
+                cluster_upserts.append(resource(CLUSTER, cluster))
+                endpoint_upserts.append(resource(ENDPOINT, stage_endpoints_resource(cluster.name, runtime, self._endpoint_sets.get(runtime, ()))))
+                self._stage_cluster_runtimes[cluster.name] = runtime
+            gone = self._stage_cluster_names.get(name, frozenset()) - names
+            cluster_removals.extend(gone)
+            for cluster_name in gone:
+                self._stage_cluster_runtimes.pop(cluster_name, None)
+            self._stage_cluster_names[name] = names
             if revisions:
+                for plan in revisions:
+                    self.add_runtimes({r for s in plan.stages for r in stage_runtimes(s)})
                 scope = pipeline_scope_resource(name, revisions, self._retries)
                 if self.fault_nack and any((p.name, p.revision) in self.fault_nack for p in revisions):
                     _invalidate(scope)
                 upserts.append(resource(SCOPED_ROUTE, scope))
-                for plan in revisions:
-                    self.add_runtimes({s.runtime for s in plan.stages})
             else:
                 removals.append(pipeline_scope(name))
+                self._stage_cluster_names.pop(name, None)
+        self.stage_clusters = self.stage_clusters.update(cluster_upserts, cluster_removals)
+        self.stage_endpoints = self.stage_endpoints.update(endpoint_upserts, cluster_removals)
         self.scopes = self.scopes.update(upserts, removals)
 
     def add_runtimes(self, runtimes: set[str]) -> None:
@@ -94,6 +115,10 @@ class MeshLayers:
         self.add_runtimes(set(endpoints))
         self.endpoints = self.endpoints.update(
             resource(ENDPOINT, endpoints_resource(r, self._endpoint_sets.get(r, ()))) for r in sorted(changed & self._runtimes)
+        )
+        self.stage_endpoints = self.stage_endpoints.update(
+            resource(ENDPOINT, stage_endpoints_resource(c, r, self._endpoint_sets.get(r, ())))
+            for c, r in sorted(self._stage_cluster_runtimes.items()) if r in changed
         )
 
     def set_auth(self, auth) -> None:
@@ -119,8 +144,8 @@ class MeshLayers:
         if node.role == "gateway" and node.egress_port:
             layers = {
                 SECRET: secrets,
-                CLUSTER: (own[CLUSTER], self.clusters),
-                ENDPOINT: (self.endpoints,),
+                CLUSTER: (own[CLUSTER], self.clusters, self.stage_clusters),
+                ENDPOINT: (self.endpoints, self.stage_endpoints),
                 LISTENER: (own[LISTENER],),
                 SCOPED_ROUTE: (self.scopes,),
                 ROUTE: (own[ROUTE],),

@@ -10,7 +10,8 @@ pipelines exist. From the two come the xDS v3 messages:
   connection manager uses scoped routes: one route scope per pipeline
   (``pipeline_scope``), keyed on the ``x-sluice-pipeline`` header, holding inline the
   routes of every live revision of that pipeline (one per stage, matched on
-  ``x-sluice-route``, with the stage's timeout and retry policy) to an EDS cluster per
+  ``x-sluice-route``, with the stage's timeout and retry policy, and its traffic: splits,
+  pins, mirror, local rate limit, see ``manager.xds.traffic``) to an EDS cluster per
   runtime (``runtime_cluster_resource``, ``endpoints_resource``). A change to one
   pipeline is then one scope resource, whatever the number of pipelines.
 
@@ -42,15 +43,16 @@ import envoy.extensions.filters.http.router.v3.router_pb2  # noqa: F401
 import envoy.extensions.filters.network.http_connection_manager.v3.http_connection_manager_pb2  # noqa: F401
 import envoy.extensions.upstreams.http.v3.http_protocol_options_pb2  # noqa: F401
 import envoy.extensions.retry.host.previous_hosts.v3.previous_hosts_pb2 as previous_hosts_pb2
-from google.protobuf import duration_pb2, json_format, struct_pb2
+from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 
 from manager.ca import GATEWAY_ID, MANAGER_ID, Issued, dns_name, runtime_id
 from manager.xds.ingress_auth import IngressAuth, public_ingress
 from manager.xds.limits import ClusterLimits, MeshLimits, overload_reply
+from manager.xds import traffic
 from sluice.plan import PipelinePlan
 from sluice.wire import (
-    EGRESS, INGRESS, MODEL_HEADER, PIPELINE_HEADER, ROUTE_HEADER, STAGE_HEADER, UNROUTED, ZIPKIN_CLUSTER,
+    EGRESS, INGRESS, MODEL_HEADER, PIPELINE_HEADER, STAGE_HEADER, UNROUTED, ZIPKIN_CLUSTER,
     pipeline_scope, runtime_cluster,
 )
 
@@ -255,21 +257,37 @@ def secret_resources(issued: Issued) -> list[Message]:
     return [cert, ca]
 
 
-def _runtime_cluster(name: str, runtime: str, limits: ClusterLimits = ClusterLimits()) -> Message:
+def _runtime_cluster(name: str, runtime: str, limits: ClusterLimits = ClusterLimits(), policy=None) -> Message:
+    """A runtime's EDS cluster; with ``policy`` (a stage's ``sluice.traffic.StageTraffic``),
+    that stage's own cluster on the runtime, with the stage's outlier detection and circuit
+    breakers, and an endpoint assignment of its own name holding the runtime's endpoints
+    (``stage_endpoints_resource``: a new cluster whose assignment Envoy already holds
+    under another cluster's name would stay warming until that assignment changes)."""
+    eds: dict[str, Any] = {"eds_config": {"ads": {}, "resource_api_version": "V3"}}
+    breakers, outliers = limits.circuit_breakers(), OUTLIER_DETECTION
+    if policy is not None:
+        breakers = traffic.circuit_breakers(policy.circuit_breaker, breakers)
+        outliers = traffic.outlier_detection(policy.outlier, outliers)
     return _parse(
         cluster_pb2.Cluster,
         {
             "name": name,
             "type": "EDS",
             "transport_socket": upstream_mtls(runtime),
-            "eds_cluster_config": {"eds_config": {"ads": {}, "resource_api_version": "V3"}},
+            "eds_cluster_config": eds,
             "connect_timeout": "1s",
             "typed_extension_protocol_options": _H2_KEEPALIVE_OPTIONS,
-            "circuit_breakers": limits.circuit_breakers(),
-            "outlier_detection": OUTLIER_DETECTION,
+            "circuit_breakers": breakers,
+            "outlier_detection": outliers,
             "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
         },
     )
+
+
+def stage_cluster_resources(plan: PipelinePlan, limits: MeshLimits) -> list[tuple[Message, str]]:
+    """The clusters of a plan's stages that set their own outlier detection or circuit
+    breakers, each with its runtime."""
+    return traffic.stage_clusters(plan, lambda name, runtime, policy: _runtime_cluster(name, runtime, limits.for_runtime(runtime), policy))
 
 
 def _tracing(state: MeshSettings, node: NodeInfo, direction: str) -> dict[str, Any] | None:
@@ -300,12 +318,12 @@ def _tracing(state: MeshSettings, node: NodeInfo, direction: str) -> dict[str, A
     }
 
 
-def _hcm(stat_prefix: str, route_spec: dict[str, Any], tracing: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+def _hcm(stat_prefix: str, route_spec: dict[str, Any], tracing: dict[str, Any] | None, filters: tuple = (), **extra: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "@type": _HCM,
         "stat_prefix": stat_prefix,
         "codec_type": "AUTO",
-        "http_filters": [_ROUTER],
+        "http_filters": [*filters, _ROUTER],
         "generate_request_id": True,
         "stream_idle_timeout": "300s",
         **route_spec,
@@ -442,7 +460,8 @@ def node_resources(node: NodeInfo, state: MeshSettings) -> dict[str, list[Messag
     listener, ingress_routes, clusters = _ingress(node, state)
     listeners = [listener]
     if node.role == "gateway" and node.egress_port:
-        hcm = _hcm(EGRESS, _scoped_routes(), _tracing(state, node, "egress"), **_NO_ROUTE_REPLY)
+        # stage rate limits: Envoy's local rate limit, enabled per route (manager.xds.traffic)
+        hcm = _hcm(EGRESS, _scoped_routes(), _tracing(state, node, "egress"), filters=(traffic.rate_limit_filter(),), **_NO_ROUTE_REPLY)
         listeners.append(_listener(EGRESS, "127.0.0.1", node.egress_port, hcm))
     if state.zipkin is not None:
         host, port = state.zipkin
@@ -477,6 +496,13 @@ def endpoints_resource(runtime: str, endpoints: tuple[tuple[str, int], ...]) -> 
                 continue
             address = locality.lb_endpoints.add().endpoint.address.socket_address
             address.address, address.port_value = host, port
+    return assignment
+
+
+def stage_endpoints_resource(cluster: str, runtime: str, endpoints: tuple[tuple[str, int], ...]) -> Message:
+    """A stage cluster's endpoint assignment: its runtime's endpoints under its own name."""
+    assignment = endpoints_resource(runtime, endpoints)
+    assignment.cluster_name = cluster
     return assignment
 
 
@@ -547,14 +573,7 @@ def pipeline_scope_resource(name: str, revisions: list[PipelinePlan], retries: r
     host = config.virtual_hosts.add(name=name, domains=["*"])
     for plan in revisions:
         for index, stage in enumerate(plan.stages):
-            route = host.routes.add(name=stage.route)
-            route.match.prefix = "/"
-            header = route.match.headers.add(name=ROUTE_HEADER)
-            header.string_match.exact = stage.route
-            route.route.cluster = runtime_cluster(stage.runtime)
-            route.route.timeout.CopyFrom(duration_pb2.Duration(seconds=stage.timeout_ms // 1000, nanos=stage.timeout_ms % 1000 * 1_000_000))
-            route.route.retry_policy.CopyFrom(retries)
-            route.decorator.operation = f"{plan.name}/{index} {stage.model}"
+            traffic.add_stage_routes(host, plan, index, stage, retries, f"{plan.name}/{index} {stage.model}")
     fallback = host.routes.add(name="unknown-stage")
     fallback.match.prefix = "/"
     fallback.direct_response.status = 404

@@ -1,8 +1,8 @@
 """A scikit-learn estimator as an OIP model.
 
 The manifest (``model.json``) names the joblib artifact and the signature. Inputs are
-either one 2-D tensor or several 1-D columns, stacked in signature order into the
-feature matrix. Each output names the estimator method that produces it
+either one 2-D tensor or several tensors (1-D columns or 2-D blocks of columns),
+stacked side by side in signature order into the feature matrix. Each output names the estimator method that produces it
 (``transform``, ``predict``, ``predict_proba``, ``decision_function``); a method used
 by several outputs runs once.
 """
@@ -52,10 +52,11 @@ class SklearnModel(Model):
     def features(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         if len(self.inputs) == 1 and self.inputs[0].shape and len(self.inputs[0].shape) == 2:
             return _decoded(inputs[self.inputs[0].name])
-        columns = [_decoded(inputs[s.name]).reshape(-1) for s in self.inputs]
+        # several inputs: each a block of columns (a 1-D input one column, a [-1, k] input k), side by side
+        columns = [_decoded(inputs[s.name]) for s in self.inputs]
         if len({len(c) for c in columns}) > 1:
             raise TensorError("input columns have different lengths")
-        return np.column_stack(columns)
+        return np.column_stack([c.reshape(len(c), -1) for c in columns])
 
     async def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         X = self.features(inputs)

@@ -71,8 +71,9 @@ from runtimes.sdk.repository import (
     DigestMismatch, ModelNotInRepository, RepositoryUnavailable, UnsafeArtifact, check_digests, safe_version,
 )
 from sluice.limits import Overloaded
+from sluice.traffic import VERSION_HEADER
 from sluice.tensors import TensorError, fill_response, request_inputs
-from sluice.tracing import Tracing
+from sluice.tracing import Tracing, tag_model_time
 
 log = logging.getLogger(__name__)
 
@@ -117,14 +118,19 @@ class PredictPool:
         self._executor = ThreadPoolExecutor(max(1, threads), thread_name_prefix="predict")
         self._local = threading.local()
 
-    def _drive(self, model: Model, inputs: dict) -> dict:
+    def _drive(self, model: Model, inputs: dict) -> tuple[dict, float, float]:
+        began = time.perf_counter()
         loop = getattr(self._local, "loop", None)
         if loop is None:
             loop = self._local.loop = asyncio.new_event_loop()
-        return loop.run_until_complete(model.predict(inputs))
+        return loop.run_until_complete(model.predict(inputs)), began, time.perf_counter()
 
     async def predict(self, model: Model, inputs: dict) -> dict:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._drive, model, inputs)
+        """The model's answer; the time it waited for a thread and computed go on the span."""
+        submitted = time.perf_counter()
+        outputs, began, ended = await asyncio.get_running_loop().run_in_executor(self._executor, self._drive, model, inputs)
+        tag_model_time(began - submitted, ended - began)
+        return outputs
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -358,7 +364,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request, context):
         try:
-            with self.models.use(request.model_name, request.model_version) as model:
+            with self.models.use(request.model_name, _routed_version(context) or request.model_version) as model:
                 return await self._run(model, request, context)
         except ModelNotFound as exc:
             await self._not_found(context, exc)
@@ -373,7 +379,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if self.predict_pool is not None and not getattr(model, "runs_on_loop", False):
                 outputs = await self.predict_pool.predict(model, inputs)
             else:
+                began = time.perf_counter()
                 outputs = await model.predict(inputs)
+                tag_model_time(0.0, time.perf_counter() - began)
         except TensorError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{model.name}: {exc}")
         except Overloaded as exc:
@@ -386,6 +394,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             outputs = {k: v for k, v in outputs.items() if k in wanted}
         response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         return fill_response(response, outputs, model.output_specs)
+
+
+def _routed_version(context) -> str:
+    """The model version Envoy's route chose for this call (``x-sluice-model-version``,
+    added per weighted cluster of a version split or by a mirror policy, see
+    ``manager.xds.traffic``): it wins over the body's ``model_version``, since Envoy
+    cannot rewrite a gRPC body. Empty when the route set none."""
+    for key, value in context.invocation_metadata() or ():
+        if key == VERSION_HEADER and isinstance(value, str):
+            return value
+    return ""
 
 
 def _check_inputs(model: Model, inputs: dict) -> None:

@@ -104,3 +104,43 @@ def test_plans_are_frozen() -> None:
     plan = two_stage_plan()
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.revision = 5  # type: ignore[misc]
+
+
+def graph_plan() -> PipelinePlan:
+    from sluice.plan import AnswerField, Source
+
+    spec = TensorSpec("x", "FP64", (-1,))
+    stage = lambda i, sid, after, bindings, **kw: StagePlan(  # noqa: E731
+        sid, "rt", "m", "", route_key("g", 1, i), 1000, (spec,), (spec,), bindings, id=sid, after=after, **kw)
+    return PipelinePlan(
+        "g", 1, "http",
+        (
+            stage(0, "a", (), (Binding("x", "x", ""),)),
+            stage(1, "b", ("a",), (Binding("x", "x", "a"),), when="a.x > 1"),
+            stage(2, "c", ("a",), (Binding("x", "x", "a"),), default=True),
+        ),
+        request=(spec,),
+        answer=(AnswerField(spec, (Source("b", "x"), Source("c", "x"))),),
+    )
+
+
+def test_a_graph_plan_round_trips_with_its_ids_edges_conditions_request_and_answer() -> None:
+    plan = graph_plan()
+    back = from_bytes(to_bytes(plan))
+    assert back == plan and back.graph
+    assert back.stages[1].when == "a.x > 1" and back.stages[2].default and back.stages[1].after == ("a",)
+    assert back.inputs == (TensorSpec("x", "FP64", (-1,)),)
+    assert [t.name for t in back.outputs] == ["x"]
+    assert back.siblings(back.stages[1]) == back.stages[1:] and back.siblings(back.stages[0]) == ()
+    assert back.at_revision(2).stages[2].route == route_key("g", 2, 2) and back.at_revision(2).stages[2].default
+
+
+def test_graph_form_states_a_chain_as_the_graph_it_is() -> None:
+    chain = two_stage_plan()
+    assert not chain.graph and chain.graph_form().graph
+    graph = chain.graph_form()
+    assert [s.id for s in graph.stages] == ["0", "1"] and [s.after for s in graph.stages] == [(), ("0",)]
+    assert graph.stages[0].bindings == (Binding("Title1", "Title1", ""), Binding("Price", "Price", ""))
+    assert graph.stages[1].bindings == (Binding("vector", "features", "0"), Binding("tag", "label", "0"))
+    assert graph.inputs == chain.inputs and graph.outputs == chain.outputs
+    assert graph.graph_form() is graph

@@ -349,3 +349,117 @@ def test_good_pipeline_names(name: str) -> None:
 )
 def test_schema_errors_name_the_field(body: dict, where: str) -> None:
     assert where in _invalid(body)
+
+
+# --- graphs (manager.graph) ----------------------------------------------------------
+
+FEATS = ["sepal_length", "sepal_width", "petal_length", "petal_width"]
+CLASSIFIER = _model([_t("features", "FP64", -1, 4)], [_t("label", "BYTES", -1), _t("probabilities", "FP64", -1, 3)])
+IRIS = {
+    "scikit": RuntimeRow("scikit", "oip", {
+        "iris_scaler": _model([_t(f, "FP64", -1) for f in FEATS], [_t("features", "FP64", -1, 4)]),
+        "iris_classifier": CLASSIFIER,
+        "iris_tree": CLASSIFIER,
+        "iris_vote": _model([_t("p1", "FP64", -1, 3), _t("p2", "FP64", -1, 3)],
+                            [_t("label", "BYTES", -1), _t("probabilities", "FP64", -1, 3)]),
+    })
+}
+
+
+def _ensemble(**changes) -> dict:
+    stages = [
+        {"id": "scale", "runtime": "scikit", "model": "iris_scaler"},
+        {"id": "lr", "runtime": "scikit", "model": "iris_classifier", "after": ["scale"]},
+        {"id": "tree", "runtime": "scikit", "model": "iris_tree", "after": ["scale"]},
+        {"id": "vote", "runtime": "scikit", "model": "iris_vote", "after": ["lr", "tree"],
+         "inputs": {"p1": "lr.probabilities", "p2": "tree.probabilities"}},
+    ]
+    for index, fields in changes.items():
+        stages[int(index[1:])].update(fields)
+    return {"name": "ens", "stages": stages}
+
+
+def _graph(definition: dict) -> PipelinePlan:
+    return resolve(PipelineSpec.model_validate(definition), 1, IRIS, DEFAULT_TIMEOUT)
+
+
+def _graph_error(definition: dict) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        _graph(definition)
+    assert caught.value.status == 422
+    return caught.value
+
+
+def test_ensemble_resolves_to_a_graph_with_edges_bindings_request_and_answer() -> None:
+    plan = _graph(_ensemble())
+    assert plan.graph and [s.id for s in plan.stages] == ["scale", "lr", "tree", "vote"]
+    assert [s.after for s in plan.stages] == [(), ("scale",), ("scale",), ("lr", "tree")]
+    assert plan.stages[1].bindings == (Binding("features", "features", "scale"),)
+    assert plan.stages[3].bindings == (Binding("p1", "probabilities", "lr"), Binding("p2", "probabilities", "tree"))
+    assert [t.name for t in plan.inputs] == FEATS and plan.stages[0].bindings[0] == Binding("sepal_length", "sepal_length", "")
+    assert [(f.spec.name, [(s.stage, s.output) for s in f.sources]) for f in plan.answer] == [
+        ("label", [("vote", "label")]), ("probabilities", [("vote", "probabilities")])]
+    assert [s.route for s in plan.stages] == [route_key("ens", 1, i) for i in range(4)]
+
+
+def test_chain_definitions_still_resolve_to_chain_plans() -> None:
+    plan = _graph({"name": "c", "chain": ["scikit/iris_scaler", "scikit/iris_classifier"]})
+    assert not plan.graph and plan.stages[1].bindings == (Binding("features", "features"),)
+
+
+def test_ids_without_after_are_a_chain_of_those_ids() -> None:
+    plan = _graph({"name": "c", "stages": [{"id": "a", "runtime": "scikit", "model": "iris_scaler"},
+                                           {"id": "b", "runtime": "scikit", "model": "iris_classifier"}]})
+    assert [s.after for s in plan.stages] == [(), ("a",)] and [f.spec.name for f in plan.answer] == ["label", "probabilities"]
+
+
+def test_sinks_that_collide_are_prefixed_and_switch_branches_merge() -> None:
+    fan = _graph({"name": "f", "stages": _ensemble()["stages"][:3]})  # lr and tree both end the pipeline
+    assert [f.spec.name for f in fan.answer] == ["lr.label", "tree.label", "lr.probabilities", "tree.probabilities"]
+    switch = _graph(_ensemble(s1={"when": "scale.features[2] < 0"}, s2={"default": True}) | {"stages": _ensemble(
+        s1={"when": "scale.features[2] < 0"}, s2={"default": True})["stages"][:3]})
+    assert [(f.spec.name, [s.stage for s in f.sources]) for f in switch.answer] == [
+        ("label", ["lr", "tree"]), ("probabilities", ["lr", "tree"])]
+    assert switch.siblings(switch.stages[1]) == switch.siblings(switch.stages[2]) == switch.stages[1:3]
+
+
+def test_a_condition_adds_the_stages_it_reads_to_what_the_stage_waits_for() -> None:
+    plan = _graph(_ensemble(s3={"after": ["tree"], "inputs": {"p1": "tree.probabilities", "p2": "tree.probabilities"},
+                                "when": "lr.label == 'setosa'"}))
+    assert plan.stages[3].after == ("tree", "lr")
+
+
+@pytest.mark.parametrize(
+    ("changes", "code", "words"),
+    [
+        ({"s0": {"after": ["vote"]}}, "cycle", ["scale -> ", "vote"]),
+        ({"s1": {"after": ["lr"]}}, "cycle", ["lr", "itself"]),
+        ({"s1": {"after": ["nope"]}}, "unknown_stage", ["'nope'"]),
+        ({"s1": {"id": "tree"}}, "duplicate_stage_id", ["'tree'"]),
+        ({"s3": {"inputs": {"p1": "nope.probabilities"}}}, "unknown_stage", ["'nope'", "'p1'"]),
+        ({"s3": {"inputs": {"p1": "lr.label", "p2": "tree.probabilities"}}}, "signature_mismatch", ["lr.label -> vote.p1", "BYTES"]),
+        ({"s3": {"inputs": {}}}, "signature_mismatch", ["'p1'"]),
+        ({"s3": {"inputs": {"p1": "lr.probabilities"}, "after": ["lr", "tree"]}}, "signature_mismatch", ["'p2'"]),
+        ({"s3": {"inputs": {"q": "lr.probabilities"}}}, "signature_mismatch", ["no input 'q'"]),
+        ({"s1": {"when": "scale.features[9] > 0"}}, "bad_condition", ["out of range"]),
+        ({"s1": {"when": "lr.label == 'x'"}}, "bad_condition", ["own outputs"]),
+        ({"s1": {"when": "petal > 1"}}, "bad_condition", ["'petal'", "request field"]),
+        ({"s2": {"default": True}}, "bad_condition", ["'default'"]),
+        ({"s1": {"when": "scale.features[0] > 1", "default": True}}, "bad_condition", ["not both"]),
+    ],
+)
+def test_graphs_that_cannot_run_are_refused(changes: dict, code: str, words: list[str]) -> None:
+    error = _graph_error(_ensemble(**changes))
+    assert error.code == code, error.message
+    for word in words:
+        assert word in error.message
+    assert "stage_id" in error.details or "stages" in error.details
+
+
+def test_request_fields_read_twice_must_agree() -> None:
+    definition = {"name": "r", "stages": [
+        {"id": "a", "runtime": "scikit", "model": "iris_classifier", "after": []},
+        {"id": "b", "runtime": "scikit", "model": "iris_vote", "after": [], "inputs": {"p1": "features", "p2": "features"}},
+    ]}
+    error = _graph_error(definition)
+    assert error.code == "signature_mismatch" and "request field 'features'" in error.message

@@ -194,7 +194,8 @@ def test_gateway_egress_uses_scoped_routes_keyed_on_the_pipeline_header() -> Non
         "rds_config_source": ads,
         "scoped_rds": {"scoped_rds_config_source": ads},
     }
-    assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.router"]
+    # the local rate limit is off unless a stage's route enables it (manager.xds.traffic)
+    assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.local_ratelimit", "envoy.filters.http.router"]
 
 
 def test_gateway_egress_answers_no_route_with_a_404_unrouted() -> None:
