@@ -12,8 +12,8 @@ class ConsoleConfig(BaseModel):
     tracing: bool
     zipkin_url: str
     gateway_url: str
-    #: per-stage traffic splits (issue #12): not in the pipeline model yet
-    traffic_splits: bool = False
+    #: stages may split traffic between variants (issue #12); the console shows sliders for them
+    traffic_splits: bool = True
     poll_interval_ms: int = 2000
 
 
@@ -32,8 +32,19 @@ class StageStats(Figures):
     model: str
 
 
+class ServedStats(BaseModel):
+    """Stage calls answered in the window by one variant (runtime and model version),
+    from ``sluice_gateway_stage_served_total``."""
+
+    stage: str  # the stage's id in a graph, its index in a chain (as the metric labels it)
+    runtime: str
+    version: str
+    requests: int
+
+
 class PipelineStats(Figures):
     stages: list[StageStats]
+    served: list[ServedStats] = []
 
 
 class StatsOut(BaseModel):

@@ -7,6 +7,8 @@ public address, ``SLUICE_MANAGER_GATEWAY_URL``) when a console asks and the last
 reading is older than ``scrape_interval_s``, keeps the readings of the last window,
 and answers the difference between now and the reading about ``window_s`` ago;
 quantiles are interpolated inside buckets as Prometheus' ``histogram_quantile`` does.
+Stage calls are also counted per variant that served them (runtime and model version,
+``sluice_gateway_stage_served_total``), so a traffic split can be seen in the console.
 Nothing is scraped while no console looks; the first look (or the first after more than
 two windows without one) has one reading only, and then the figures are those since the
 gateway started (``window_s`` is None). A gateway
@@ -31,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from manager.auth.scopes import ADMIN
 from sluice.metrics import bucket_quantile
-from manager.ui.schemas import Figures, PipelineStats, StageStats, StatsOut
+from manager.ui.schemas import Figures, PipelineStats, ServedStats, StageStats, StatsOut
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ SCRAPE_TOKEN_TTL_S = 3600.0
 SCRAPE_TOKEN_RENEW_S = 600.0
 
 StageKey = tuple[str, str, str]  # pipeline, stage index, model
+ServedKey = tuple[str, str, str, str]  # pipeline, stage (id, or index in a chain), runtime, version
 
 
 @dataclass
@@ -76,6 +79,7 @@ class Reading:
     request_seconds: dict[str, Histogram] = field(default_factory=dict)
     stage_seconds: dict[StageKey, Histogram] = field(default_factory=dict)
     stage_errors: dict[tuple[str, str], float] = field(default_factory=dict)  # (pipeline, stage index)
+    served: dict[ServedKey, float] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str, at: float) -> "Reading":
@@ -96,6 +100,9 @@ class Reading:
                 elif s.name == "sluice_gateway_stage_errors_total":
                     key2 = (labels["pipeline"], labels["stage"])
                     reading.stage_errors[key2] = reading.stage_errors.get(key2, 0.0) + s.value
+                elif s.name == "sluice_gateway_stage_served_total":
+                    key3 = (labels["pipeline"], labels["stage"], labels["runtime"], labels["version"])
+                    reading.served[key3] = reading.served.get(key3, 0.0) + s.value
         return reading
 
     def went_back(self, base: "Reading") -> bool:
@@ -132,6 +139,10 @@ def window_stats(now: Reading, base: Reading | None) -> StatsOut:
         errors = now.stage_errors.get((name, stage), 0.0) - (base.stage_errors.get((name, stage), 0.0) if base else 0.0)
         entry = pipelines.setdefault(name, PipelineStats(**_figures(0, 0, Histogram(), window_s).model_dump(), stages=[]))
         entry.stages.append(StageStats(index=int(stage), model=model, **_figures(histogram.count, errors, histogram, window_s).model_dump()))
+    for (name, stage, runtime, version), total in sorted(now.served.items()):
+        count = total - (base.served.get((name, stage, runtime, version), 0.0) if base else 0.0)
+        entry = pipelines.setdefault(name, PipelineStats(**_figures(0, 0, Histogram(), window_s).model_dump(), stages=[]))
+        entry.served.append(ServedStats(stage=stage, runtime=runtime, version=version, requests=int(count)))
     return StatsOut(window_s=window_s, pipelines=pipelines)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import collections
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -69,6 +71,18 @@ def test_stats_are_the_difference_between_two_readings():
     assert stage.error_rate == 0.1 and stage.rate_per_s == round(50 / 60, 3)
 
 
+def test_stats_count_stage_calls_per_variant_served_in_the_window():
+    def text(scikit: int, canary: int) -> str:
+        registry = CollectorRegistry()
+        served = Counter("sluice_gateway_stage_served_total", "", ["pipeline", "stage", "runtime", "version"], registry=registry)
+        served.labels("p", "1", "scikit", "1").inc(scikit)
+        served.labels("p", "1", "canary", "1").inc(canary)
+        return gateway_text([0.004]) + generate_latest(registry).decode()
+
+    out = window_stats(Reading.parse(text(90, 10), at=60.0), Reading.parse(text(40, 5), at=0.0))
+    assert [(s.stage, s.runtime, s.version, s.requests) for s in out.pipelines["p"].served] == [("1", "canary", "1", 5), ("1", "scikit", "1", 50)]
+
+
 def test_stats_restart_when_the_gateway_restarted():
     base = Reading.parse(gateway_text([0.004] * 100), at=0.0)
     now = Reading.parse(gateway_text([0.5] * 10), at=30.0)  # counters went down: a new gateway process
@@ -89,19 +103,37 @@ def test_stats_window_keeps_one_reading_a_window_old():
     assert [r.at for r in first._readings] == [126.0] and first._base(first._readings[-1]) is None
 
 
+#: the issue's example graph: a fan-out (scale to lr and tree) and a join (vote)
+ENSEMBLE = {"name": "iris-ensemble", "stages": [
+    {"id": "scale", "runtime": "scikit", "model": "iris_scaler"},
+    {"id": "lr", "runtime": "scikit", "model": "iris_classifier", "after": ["scale"]},
+    {"id": "tree", "runtime": "scikit", "model": "iris_tree", "after": ["scale"]},
+    {"id": "vote", "runtime": "scikit", "model": "iris_vote", "after": ["lr", "tree"],
+     "inputs": {"p1": "lr.probabilities", "p2": "tree.probabilities"}},
+]}
+#: a 50/50 split of the classifier between two runtimes serving the same model, and the
+#: scaler mirrored (shadow) to the second runtime for half the calls
+SPLIT = {"name": "iris-split", "stages": [
+    {"runtime": "scikit", "model": "iris_scaler", "mirror": {"runtime": "scikit-b", "percent": 50}},
+    {"runtime": "scikit", "model": "iris_classifier",
+     "traffic": [{"runtime": "scikit", "weight": 50}, {"runtime": "scikit-b", "weight": 50}]},
+]}
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory, model_store):
     mesh = LocalMesh(
         tmp_path_factory.mktemp("console"),
-        [RuntimeSpec("scikit", "scikit", ("iris_scaler", "iris_classifier"))],
+        [RuntimeSpec("scikit", "scikit", ("iris_scaler", "iris_classifier", "iris_tree", "iris_vote")),
+         RuntimeSpec("scikit-b", "scikit", ("iris_scaler", "iris_classifier"))],
         MeshPorts.ephemeral(),
         zipkin_port=free_port(),
         secure=True,
     )
     with mesh:
-        created = httpx.post(f"{mesh.manager_url}/api/v1/pipelines", json={"name": "iris", "chain": IRIS_CHAIN},
-                             headers=mesh.admin_headers, timeout=10)
-        assert created.status_code == 201, created.text
+        for definition in ({"name": "iris", "chain": IRIS_CHAIN}, ENSEMBLE, SPLIT):
+            created = httpx.post(f"{mesh.manager_url}/api/v1/pipelines", json=definition, headers=mesh.admin_headers, timeout=10)
+            assert created.status_code == 201, created.text
         yield mesh
 
 
@@ -221,6 +253,98 @@ def test_pipelines_page_draws_iris_with_its_stages(mesh, console, artifacts):
     assert "scikit/iris_scaler → scikit/iris_classifier" in row.text_content()
     assert row.query_selector_all("td")[1].text_content() == "1"  # revision
     page.screenshot(path=artifacts / "pipelines.png", full_page=True)
+
+
+def test_ensemble_is_drawn_as_its_graph_with_fan_out_and_join(mesh, console, tokens, artifacts):
+    assert serve(mesh, "iris-ensemble", tokens["serve:*"], [RECORD]).status_code == 200  # the graph serves
+    page = console.page
+    show(page, "pipelines/iris-ensemble")
+    graph = page.wait_for_selector('svg[data-pipeline="iris-ensemble"]')
+    nodes = {n.get_attribute("data-stage-id"): n for n in graph.query_selector_all("g.node.stage")}
+    assert sorted(nodes) == ["lr", "scale", "tree", "vote"]
+    edges = sorted((e.get_attribute("data-from"), e.get_attribute("data-to")) for e in graph.query_selector_all("g.edge.stage-edge"))
+    assert edges == [("lr", "vote"), ("scale", "lr"), ("scale", "tree"), ("tree", "vote")]
+    io = sorted((e.get_attribute("data-from"), e.get_attribute("data-to")) for e in graph.query_selector_all("g.edge.io-edge"))
+    assert io == [("request", "scale"), ("vote", "response")]
+    # columns by depth: lr and tree side by side in one column, between scale and vote
+    x = {k: float(re.match(r"translate\(([\d.]+),([\d.]+)\)", n.get_attribute("transform")).group(1)) for k, n in nodes.items()}
+    y = {k: float(re.match(r"translate\(([\d.]+),([\d.]+)\)", n.get_attribute("transform")).group(2)) for k, n in nodes.items()}
+    assert x["scale"] < x["lr"] == x["tree"] < x["vote"] and y["lr"] != y["tree"]
+    assert graph.get_attribute("data-columns") == "3"
+    join = graph.query_selector('g.edge.stage-edge[data-from="lr"][data-to="vote"]').text_content()
+    assert "probabilities → p1" in join  # the tensor the edge carries, into the input it binds
+    page.screenshot(path=artifacts / "pipeline-ensemble.png", full_page=True)
+    # a per-record switch: the condition is written on its edge, the default branch is marked
+    switch = {"name": "iris-switch", "stages": [
+        {"id": "scale", "runtime": "scikit", "model": "iris_scaler"},
+        {"id": "lr", "runtime": "scikit", "model": "iris_classifier", "after": ["scale"], "when": "scale.features[0] > 0.5"},
+        {"id": "tree", "runtime": "scikit", "model": "iris_tree", "after": ["scale"], "default": True},
+    ]}
+    created = httpx.post(f"{mesh.manager_url}/api/v1/pipelines", json=switch, headers=mesh.admin_headers, timeout=10)
+    assert created.status_code == 201, created.text
+    show(page, "pipelines/iris-switch")
+    graph = page.wait_for_selector('svg[data-pipeline="iris-switch"]')
+    guarded = graph.query_selector('g.edge.stage-edge.conditional[data-from="scale"][data-to="lr"] text.when')
+    assert "when scale.features[0] > 0.5" in guarded.text_content()
+    assert graph.query_selector('g.node.stage.default[data-stage-id="tree"] text.default-mark') is not None
+    assert "default" in graph.query_selector('g.edge.stage-edge[data-from="scale"][data-to="tree"]').text_content()
+    page.screenshot(path=artifacts / "pipeline-switch.png", full_page=True)
+
+
+def served_of(page, pipeline: str, stage: int) -> dict[str, int]:
+    """Per variant of a split stage, the calls the console shows it served in the window."""
+    return page.evaluate("""([pipeline, stage]) => Object.fromEntries(
+        [...document.querySelectorAll(`svg[data-pipeline="${pipeline}"] g.node.stage[data-stage="${stage}"] text.variant`)]
+          .map((t) => [t.dataset.runtime, Number(t.dataset.served ?? -1)]))""", [pipeline, stage])
+
+
+def test_traffic_split_shows_weights_and_its_slider_replaces_the_pipeline(mesh, console, tokens, artifacts):
+    page = console.page
+    show(page, "pipelines/iris-split")
+    graph = page.wait_for_selector('svg[data-pipeline="iris-split"]')
+    variants = graph.query_selector_all('g.node.stage[data-stage="1"] text.variant')
+    assert [v.get_attribute("data-runtime") for v in variants] == ["scikit", "scikit-b"]
+    assert all("50%" in v.text_content() for v in variants)
+    mirror = graph.query_selector('g.node.stage[data-stage="0"] g.mirror')
+    assert mirror.get_attribute("data-percent") == "50" and "mirror scikit-b 50%" in mirror.text_content()
+    # the served counts per variant (sluice_gateway_stage_served_total) reach the node
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: serve(mesh, "iris-split", tokens["serve:*"], [RECORD]).status_code, range(24)))
+    assert answers == [200] * 24
+    page.wait_for_function("""() => {
+        const counts = [...document.querySelectorAll('svg[data-pipeline="iris-split"] g.node.stage[data-stage="1"] text.variant')]
+          .map((t) => Number(t.dataset.served || 0));
+        return counts.length === 2 && counts.every((n) => n > 0) && counts[0] + counts[1] >= 24;
+    }""")
+    # move the first slider to 80 (the linked second goes to 20) while four clients keep serving
+    sliders = page.locator('#traffic-split .traffic-stage[data-stage="1"] input.split-slider')
+    assert sliders.count() == 2
+    stop, codes = threading.Event(), []
+
+    def client():
+        while not stop.is_set() and len(codes) < 2000:
+            codes.append(serve(mesh, "iris-split", tokens["serve:*"], [RECORD]).status_code)
+
+    with ThreadPoolExecutor(4) as pool:
+        clients = [pool.submit(client) for _ in range(4)]
+        try:
+            sliders.nth(0).evaluate("(el) => { el.value = '80'; el.dispatchEvent(new Event('input')); el.dispatchEvent(new Event('change')); }")
+            done = page.wait_for_selector('#traffic-split .traffic-stage[data-stage="1"] .split-result .ok-box')
+        finally:
+            stop.set()
+            for c in clients:
+                c.result()
+    assert "Replaced iris-split, revision 2" in done.text_content() and "scikit-b 20" in done.text_content()
+    assert codes and set(codes) == {200}, collections.Counter(codes)  # no request lost across the replace
+    assert sliders.nth(1).input_value() == "20"
+    stored = httpx.get(f"{mesh.manager_url}/api/v1/pipelines/iris-split", headers=mesh.admin_headers, timeout=5).json()
+    assert stored["revision"] == 2
+    assert [(v["runtime"], v["weight"]) for v in stored["definition"]["stages"][1]["traffic"]] == [("scikit", 80), ("scikit-b", 20)]
+    # the graph is redrawn with the new revision's weights, and serving still works
+    page.wait_for_selector('svg[data-pipeline="iris-split"][data-revision="2"]')
+    assert "80%" in page.text_content('svg[data-pipeline="iris-split"] g.node.stage[data-stage="1"] text.variant[data-runtime="scikit"]')
+    assert serve(mesh, "iris-split", tokens["serve:*"], [RECORD]).status_code == 200
+    page.screenshot(path=artifacts / "pipeline-split.png", full_page=True)
 
 
 def stage_calls(page, index: int) -> int:
@@ -359,7 +483,8 @@ def test_delete_asks_for_confirmation(mesh, console, tokens, artifacts):
     page.wait_for_selector("text=Deleted iris-console.")
     assert httpx.get(f"{mesh.manager_url}/api/v1/pipelines/iris-console", headers=mesh.admin_headers, timeout=5).status_code == 404
     assert serve(mesh, "iris-console", tokens["serve:*"], [RECORD]).status_code == 404
-    assert page.is_visible("#traffic-split #split-slider:disabled") and "issue #12" in page.text_content("#traffic-split")
+    # the actions page lists the sliders of every split stage (iris-split's classifier)
+    assert page.is_visible('#traffic-split .traffic-controls[data-pipeline="iris-split"] .traffic-stage[data-stage="1"] input.split-slider')
 
 
 def test_console_fits_laptop_and_wide_screens_and_fetches_nothing_from_outside(mesh, console, artifacts):

@@ -1,8 +1,9 @@
 // Actions (deploy scope): create or replace a pipeline from a JSON or YAML editor, with the
 // manager's 422 placed on the stage and tensor it names; delete with a confirmation; and
-// where a stage's traffic split will be set once pipelines have splits (issue #12).
+// a slider per variant of every stage that splits its traffic (a pipeline replace underneath).
 import { api, ApiError, session } from "../api.js";
 import { h, errorBox } from "../dom.js";
+import { splitStages, trafficControls } from "../traffic.js";
 
 const CHAIN_ENTRY = /^([A-Za-z0-9][A-Za-z0-9_.-]*)\/([A-Za-z0-9][A-Za-z0-9_.-]*)(?::([A-Za-z0-9_.-]+))?$/;
 
@@ -10,7 +11,7 @@ const CHAIN_ENTRY = /^([A-Za-z0-9][A-Za-z0-9_.-]*)\/([A-Za-z0-9][A-Za-z0-9_.-]*)
 function stagesOf(spec) {
   if (!spec || typeof spec !== "object") return [];
   if (Array.isArray(spec.stages)) {
-    return spec.stages.map((st) => ({ runtime: st?.runtime, model: st?.model, version: st?.version, name: st?.name, inputs: st?.inputs }));
+    return spec.stages.map((st) => ({ runtime: st?.runtime, model: st?.model, version: st?.version, name: st?.name || st?.id, inputs: st?.inputs }));
   }
   if (Array.isArray(spec.chain)) {
     return spec.chain.map((entry) => {
@@ -59,6 +60,7 @@ function problemsOf(error) {
 export async function render(main, [editing]) {
   const [pipelines, runtimes] = await Promise.all([api("/api/v1/pipelines"), api("/api/v1/runtimes")]);
   const names = new Set(pipelines.map((p) => p.name));
+  const splits = pipelines.filter((p) => splitStages(p).length && (!editing || p.name === editing));
   const models = new Map(); // "runtime/model" -> signature
   for (const r of runtimes) for (const m of r.models) models.set(`${r.name}/${m.name}`, m);
 
@@ -197,9 +199,9 @@ export async function render(main, [editing]) {
     h("div", { class: "split" },
       h("section", { class: "panel" }, h("h2", {}, "Delete a pipeline"), h("div", { class: "row" }, target, remove), deleted, dialog),
       h("section", { class: "panel", id: "traffic-split" }, h("h2", {}, "Traffic split"),
-        h("div", { class: "row" }, h("label", {}, "weight of the second variant ", h("input", { type: "range", min: 0, max: 100, value: 0, disabled: true, id: "split-slider" })), h("span", { class: "muted" }, "0%")),
-        h("div", { class: "note" }, "Not available yet: a stage calls exactly one runtime and version, because pipelines have no traffic splits or mirrors until issue #12 (graphs) lands. ",
-          "Then this slider will set a stage's weights with a pipeline replace underneath (make-before-break, as every replace)."))));
+        h("p", { class: "muted" }, "Stages that split traffic between runtimes or versions. Releasing a slider replaces the pipeline with the new weights (make-before-break, as every replace)."),
+        splits.length ? splits.map((p) => trafficControls(p, null))
+          : h("p", { class: "muted", id: "no-splits" }, "No pipeline has a stage with a traffic split of two or more variants (a stage's ", h("code", {}, "traffic"), " list)."))));
   await refresh();
   return () => clearTimeout(typing);
 }

@@ -1,11 +1,19 @@
 // Pipelines: the list (revision, stages, last-minute p50/p99 and error rate) and each
 // pipeline drawn as its graph, with per-stage figures updated live; one pipeline's page
-// (#/pipelines/<name>) adds its stages' signatures and its definition.
+// (#/pipelines/<name>) adds its stages' signatures, its traffic-split sliders (deploy
+// scope) and its definition.
 import { api, canDeploy } from "../api.js";
 import { h, ms, percent, tensorLines } from "../dom.js";
-import { drawPipeline, updateGraph } from "../graph.js";
+import { drawPipeline, edgesOf, stageKey, updateGraph } from "../graph.js";
+import { splitStages, trafficControls } from "../traffic.js";
 
-const SPLIT_NOTE = "Traffic splits and mirrors between runtimes or versions are not part of a pipeline yet (issue #12): each stage calls one runtime, so its edges carry all the traffic.";
+const SPLIT_NOTE = "A stage's traffic split shows each variant's weight, share and the calls it served in the last minute; a mirror (shadow) is dashed, with its percent.";
+
+function stagesText(p) {
+  const { graph, preds } = edgesOf(p);
+  if (!graph) return p.stages.map((st) => st.name).join(" → ");
+  return p.stages.map((st, i) => `${preds[i].map((k) => stageKey(p.stages[k], k)).join("+") || "request"} → ${stageKey(st, i)}`).join(", ");
+}
 
 function figuresCells(name) {
   return [
@@ -28,7 +36,7 @@ function listView(list) {
   const rows = list.map((p) => h("tr", { dataset: { pipeline: p.name } },
     h("td", {}, h("a", { href: `#/pipelines/${encodeURIComponent(p.name)}` }, p.name)),
     h("td", { class: "num" }, String(p.revision)),
-    h("td", {}, h("span", { class: "mono" }, p.stages.map((st) => st.name).join(" → "))),
+    h("td", {}, h("span", { class: "mono" }, stagesText(p))),
     figuresCells(p.name)));
   return h("div", { class: "panel scroll" },
     h("table", { id: "pipelines-table" },
@@ -56,23 +64,38 @@ function subscribe(root, live) {
 async function renderOne(main, name, live) {
   const p = await api(`/api/v1/pipelines/${encodeURIComponent(name)}`);
   const stages = p.stages.map((st, i) => h("tr", {},
-    h("td", { class: "num" }, String(i)), h("td", {}, st.name), h("td", {}, st.runtime), h("td", {}, st.model), h("td", {}, st.version || "latest loaded"),
+    h("td", { class: "num" }, String(i)), h("td", {}, st.id ? `${st.id}: ${st.name}` : st.name), h("td", {}, st.runtime), h("td", {}, st.model), h("td", {}, st.version || "latest loaded"),
     h("td", {}, tensorLines(st.inputs)), h("td", {}, tensorLines(st.outputs)), h("td", { class: "num" }, `${st.timeout_ms} ms`)));
+  const summary = (q) => `revision ${q.revision} · ${q.transportType} · updated ${new Date(q.updated_at * 1000).toLocaleString()}`;
+  const heading = h("span", { class: "muted", id: "pipeline-summary" }, summary(p));
+  const graphPanel = h("section", { class: "panel", dataset: { pipeline: p.name } }, drawPipeline(p), h("p", { class: "muted" }, SPLIT_NOTE));
+  const definition = h("pre", { class: "scroll", id: "definition" }, JSON.stringify(p.definition, null, 2));
+  const applied = (q) => { // a slider replaced the pipeline: redraw it (the live figures fill in at the next poll)
+    heading.textContent = summary(q);
+    graphPanel.firstChild.replaceWith(drawPipeline(q));
+    definition.textContent = JSON.stringify(q.definition, null, 2);
+  };
+  const traffic = canDeploy() && splitStages(p).length
+    ? h("section", { class: "panel", id: "traffic-split" }, h("h2", {}, "Traffic split"),
+      h("p", { class: "muted" }, "Releasing a slider replaces the pipeline with the new weights (make-before-break: the new revision is routed before it is served)."),
+      trafficControls(p, applied))
+    : null;
   main.replaceChildren(
     h("h1", {}, `Pipeline ${p.name}`),
     h("div", { class: "row" },
-      h("span", { class: "muted" }, `revision ${p.revision} · ${p.transportType} · updated ${new Date(p.updated_at * 1000).toLocaleString()}`),
+      heading,
       h("a", { href: `#/traces/${encodeURIComponent(p.name)}` }, "traces"),
       canDeploy() ? h("a", { href: `#/actions/${encodeURIComponent(p.name)}` }, "edit") : null),
     h("div", { class: "panel scroll" }, h("table", {},
       h("thead", {}, h("tr", {}, h("th", {}, "last minute"), h("th", { class: "num" }, "requests"), h("th", { class: "num" }, "p50"),
         h("th", { class: "num" }, "p99"), h("th", { class: "num" }, "errors"))),
       h("tbody", {}, h("tr", { dataset: { pipeline: p.name } }, h("td", {}, "whole pipeline"), figuresCells(p.name))))),
-    h("section", { class: "panel", dataset: { pipeline: p.name } }, drawPipeline(p), h("p", { class: "muted" }, SPLIT_NOTE)),
+    graphPanel,
+    ...(traffic ? [traffic] : []),
     h("div", { class: "panel scroll" }, h("h2", {}, "Stages"), h("table", {},
       h("thead", {}, h("tr", {}, ["#", "name", "runtime", "model", "version", "inputs", "outputs", "timeout"].map((t) => h("th", {}, t)))),
       h("tbody", {}, stages))),
-    h("div", { class: "panel" }, h("h2", {}, "Definition"), h("pre", { class: "scroll" }, JSON.stringify(p.definition, null, 2))));
+    h("div", { class: "panel" }, h("h2", {}, "Definition"), definition));
   return subscribe(main, live);
 }
 
