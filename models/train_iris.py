@@ -39,6 +39,23 @@ def iris_data() -> tuple[np.ndarray, np.ndarray]:
     return data.data.astype(np.float64), data.target_names[data.target]
 
 
+def write_classifier(path: Path, classifier) -> None:
+    """An iris classifier's version directory: ``features`` in, ``label`` and
+    ``probabilities`` out (iris_classifier's versions, iris_tree)."""
+    joblib.dump(classifier, path / "model.joblib")
+    write_manifest(
+        path,
+        "sklearn",
+        inputs=[tensor("features", "FP64", [-1, 4])],
+        outputs=[
+            tensor("label", "BYTES", [-1], method="predict"),
+            tensor("probabilities", "FP64", [-1, 3], method="predict_proba"),
+        ],
+        artifact="model.joblib",
+        classes=[str(c) for c in classifier.classes_],
+    )
+
+
 def train(root: Path) -> None:
     X, y = iris_data()
     scaler = StandardScaler().fit(X)
@@ -54,34 +71,10 @@ def train(root: Path) -> None:
         artifact="model.joblib",
     )
 
-    path = version_dir(root, "iris_classifier")
-    joblib.dump(classifier, path / "model.joblib")
-    write_manifest(
-        path,
-        "sklearn",
-        inputs=[tensor("features", "FP64", [-1, 4])],
-        outputs=[
-            tensor("label", "BYTES", [-1], method="predict"),
-            tensor("probabilities", "FP64", [-1, 3], method="predict_proba"),
-        ],
-        artifact="model.joblib",
-        classes=[str(c) for c in classifier.classes_],
-    )
+    write_classifier(version_dir(root, "iris_classifier"), classifier)
 
     tree = DecisionTreeClassifier(max_depth=3, random_state=0).fit(scaler.transform(X), y)
-    path = version_dir(root, "iris_tree")
-    joblib.dump(tree, path / "model.joblib")
-    write_manifest(
-        path,
-        "sklearn",
-        inputs=[tensor("features", "FP64", [-1, 4])],
-        outputs=[
-            tensor("label", "BYTES", [-1], method="predict"),
-            tensor("probabilities", "FP64", [-1, 3], method="predict_proba"),
-        ],
-        artifact="model.joblib",
-        classes=[str(c) for c in tree.classes_],
-    )
+    write_classifier(version_dir(root, "iris_tree"), tree)
 
     vote = mean_vote(classifier.classes_)
     path = version_dir(root, "iris_vote")

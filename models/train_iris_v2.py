@@ -14,12 +14,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import joblib
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
-from models.manifest import tensor, version_dir, write_manifest
-from models.train_iris import iris_data
+from models.manifest import version_dir
+from models.train_iris import iris_data, write_classifier
 
 VERSION = "2"
 
@@ -33,18 +32,7 @@ def train(root: Path) -> Path:
     """Write ``<root>/iris_classifier/2``; the directory."""
     classifier = fit()
     path = version_dir(root, "iris_classifier", VERSION)
-    joblib.dump(classifier, path / "model.joblib")
-    write_manifest(
-        path,
-        "sklearn",
-        inputs=[tensor("features", "FP64", [-1, 4])],
-        outputs=[
-            tensor("label", "BYTES", [-1], method="predict"),
-            tensor("probabilities", "FP64", [-1, 3], method="predict_proba"),
-        ],
-        artifact="model.joblib",
-        classes=[str(c) for c in classifier.classes_],
-    )
+    write_classifier(path, classifier)
     return path
 
 

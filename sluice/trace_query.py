@@ -48,14 +48,20 @@ def fetch_trace(zipkin_url: str, trace_id: str, wait_s: float = 0.0, interval_s:
     return spans
 
 
-def recent_traces(zipkin_url: str, pipeline: str, limit: int) -> list[list[Span]]:
-    """The pipeline's last ``limit`` traces (the gateway tags its spans with the pipeline)."""
-    params = {
+def recent_traces_query(pipeline: str, limit: int) -> dict[str, str]:
+    """Zipkin's ``/api/v2/traces`` parameters for a pipeline's last ``limit`` traces (the
+    gateway tags its spans with the pipeline); also the console's query."""
+    return {
         "serviceName": GATEWAY_SERVICE,
         "annotationQuery": f"sluice.pipeline={pipeline}",
         "limit": str(limit),
         "lookback": str(LOOKBACK_MS),
     }
+
+
+def recent_traces(zipkin_url: str, pipeline: str, limit: int) -> list[list[Span]]:
+    """The pipeline's last ``limit`` traces."""
+    params = recent_traces_query(pipeline, limit)
     try:
         response = httpx.get(f"{zipkin_url.rstrip('/')}/api/v2/traces", params=params, timeout=10)
     except httpx.HTTPError as exc:

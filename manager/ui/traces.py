@@ -15,11 +15,7 @@ import httpx
 
 from manager.ui.schemas import SpanOut, TraceOut, TracesOut
 from sluice.errors import ApiError
-
-#: the service name the gateway's spans carry (``sluice.tracing.Tracing("gateway")``)
-GATEWAY_SERVICE = "gateway"
-#: how far back a query looks (Zipkin's default is one day)
-LOOKBACK_MS = 3_600_000
+from sluice.trace_query import GATEWAY_SERVICE, recent_traces_query
 
 
 def summarize(trace_id: str, spans: list[dict[str, Any]], link: str) -> TraceOut:
@@ -67,12 +63,7 @@ class ZipkinTraces:
         return f"{self.ui_url}/zipkin/traces/{trace_id}"
 
     async def recent(self, pipeline: str, limit: int) -> TracesOut:
-        params = {
-            "serviceName": GATEWAY_SERVICE,
-            "annotationQuery": f"sluice.pipeline={pipeline}",
-            "limit": str(limit),
-            "lookback": str(LOOKBACK_MS),
-        }
+        params = recent_traces_query(pipeline, limit)
         try:
             async with httpx.AsyncClient(timeout=self.timeout_s) as client:
                 response = await client.get(f"{self.url}/api/v2/traces", params=params)
