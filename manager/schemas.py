@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema, WithJsonSchema
 
+from manager.json_types import json_int
 from manager.traffic_spec import RateLimitSpec, StageTrafficFields
 from sluice.plan import StagePlan
 
@@ -20,17 +21,6 @@ NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 #: a stage id: no dots (``<stage-id>.<output>`` names an output)
 STAGE_ID = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$"
 _CHAIN_ENTRY = re.compile(r"^(?P<runtime>[A-Za-z0-9][A-Za-z0-9_.-]*)/(?P<model>[A-Za-z0-9][A-Za-z0-9_.-]*)(?::(?P<version>[A-Za-z0-9_.-]+))?$")
-
-
-def _integral(value):
-    """JSON Schema's integers include 2.0: take it as 2 (a strict model refuses floats)."""
-    return int(value) if isinstance(value, float) and value.is_integer() else value
-
-
-def json_int(**constraints):
-    """An integer as JSON states it (2 or 2.0, not "2" or 2.5; request models are strict),
-    with ``Field`` constraints (placed so that they reach the JSON Schema)."""
-    return Annotated[int, Field(**constraints), BeforeValidator(_integral)]
 
 
 class TensorSpecModel(BaseModel):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from manager.json_types import json_int
 from sluice.errors import ApiError
 from sluice.traffic import CircuitBreaker, Mirror, OutlierPolicy, RateLimit, RetryPolicy, StageTraffic, Variant
 
@@ -32,12 +33,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
+#: a variant or a mirror names a runtime, a version, or both: said in the schema too
+_NAMES_SOMETHING = ConfigDict(strict=True, extra="forbid", json_schema_extra={"anyOf": [{"required": ["runtime"], "properties": {"runtime": {"type": "string"}}}, {"required": ["version"], "properties": {"version": {"type": "string"}}}]})
+
+
 class VariantSpec(_Strict):
     """One side of a split: ``runtime`` (default: the stage's) and/or ``version`` (default: the stage's)."""
 
     runtime: str | None = Field(None, pattern=_RUNTIME)
     version: str | None = Field(None, pattern=_VERSION)
-    weight: int = Field(ge=0, le=10_000)
+    weight: json_int(ge=0, le=10_000)
+
+    model_config = _NAMES_SOMETHING
 
     @model_validator(mode="after")
     def _names_something(self) -> "VariantSpec":
@@ -51,6 +58,8 @@ class MirrorSpec(_Strict):
     version: str | None = Field(None, pattern=_VERSION)
     percent: float = Field(100.0, gt=0, le=100)
 
+    model_config = _NAMES_SOMETHING
+
     @model_validator(mode="after")
     def _names_something(self) -> "MirrorSpec":
         if self.runtime is None and self.version is None:
@@ -59,43 +68,47 @@ class MirrorSpec(_Strict):
 
 
 class RetrySpec(_Strict):
-    attempts: int = Field(ge=0, le=10)
-    per_try_timeout_ms: int | None = Field(None, gt=0, le=600_000)
+    attempts: json_int(ge=0, le=10)
+    per_try_timeout_ms: json_int(gt=0, le=600_000) | None = None
     on: list[RETRY_ON] = Field(default_factory=lambda: list(_DEFAULT_RETRY_ON), min_length=1)
 
 
 class RateLimitSpec(_Strict):
-    rps: int = Field(gt=0, le=1_000_000)
+    rps: json_int(gt=0, le=1_000_000)
     #: tokens the bucket holds (requests let through at once after a quiet spell); default: rps
-    burst: int | None = Field(None, gt=0, le=1_000_000)
+    burst: json_int(gt=0, le=1_000_000) | None = None
 
     def plan(self) -> RateLimit:
         return RateLimit(self.rps, self.burst or self.rps)
 
 
 class OutlierSpec(_Strict):
-    consecutive_errors: int = Field(5, ge=1, le=1000)
-    interval_ms: int = Field(1000, ge=10, le=600_000)
-    base_ejection_ms: int = Field(2000, ge=10, le=600_000)
-    max_ejection_percent: int = Field(50, ge=0, le=100)
+    consecutive_errors: json_int(ge=1, le=1000) = 5
+    interval_ms: json_int(ge=10, le=600_000) = 1000
+    base_ejection_ms: json_int(ge=10, le=600_000) = 2000
+    max_ejection_percent: json_int(ge=0, le=100) = 50
 
 
 class CircuitBreakerSpec(_Strict):
-    max_requests: int = Field(512, ge=1, le=1_000_000)
-    max_pending_requests: int = Field(128, ge=1, le=1_000_000)
-    max_connections: int = Field(128, ge=1, le=1_000_000)
-    max_retries: int = Field(64, ge=0, le=1_000_000)
+    max_requests: json_int(ge=1, le=1_000_000) = 512
+    max_pending_requests: json_int(ge=1, le=1_000_000) = 128
+    max_connections: json_int(ge=1, le=1_000_000) = 128
+    max_retries: json_int(ge=0, le=1_000_000) = 64
 
 
 #: request headers a ``sticky`` may not name: the mesh's own, Envoy's, and pseudo-headers
 _RESERVED_PREFIXES = ("x-sluice-", "x-envoy-", ":", "grpc-")
+#: what a ``sticky`` header name is, and the reserved prefixes as the schema says them
+#: (JSON Schema's regexes have no case-insensitive flag)
+STICKY_PATTERN = r"^[A-Za-z0-9-]{1,128}$"
+_RESERVED_PATTERN = "^([Xx]-([Ss][Ll][Uu][Ii][Cc][Ee]|[Ee][Nn][Vv][Oo][Yy])-|[Gg][Rr][Pp][Cc]-)"
 
 
 def check_sticky(value: str | None) -> str | None:
     if value is None:
         return None
     name = value.strip().lower()
-    if not name or any(name.startswith(p) for p in _RESERVED_PREFIXES) or not all(c.isalnum() or c == "-" for c in name):
+    if not name or any(name.startswith(p) for p in _RESERVED_PREFIXES) or not all(c.isascii() and (c.isalnum() or c == "-") for c in name):
         raise ValueError(f"sticky {value!r} must name a request header (letters, digits, '-'; not x-sluice-*, x-envoy-*)")
     return name
 
@@ -105,7 +118,7 @@ class StageTrafficFields(BaseModel):
 
     traffic: list[VariantSpec] | None = Field(None, min_length=1, max_length=16)
     mirror: MirrorSpec | None = None
-    sticky: str | None = None
+    sticky: str | None = Field(None, pattern=STICKY_PATTERN, json_schema_extra={"not": {"pattern": _RESERVED_PATTERN}})
     retries: RetrySpec | None = None
     rate_limit: RateLimitSpec | None = None
     outlier_detection: OutlierSpec | None = None
