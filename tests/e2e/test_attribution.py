@@ -171,6 +171,10 @@ def test_sluice_status_shows_per_stage_p50_of_model_and_mesh_time(traced):
     for stage, model in (("0", "iris_scaler"), ("1", "iris_classifier")):
         _, _, shown_model, requests, call_ms, model_ms, mesh_ms, share = stage_rows[stage]
         assert (shown_model, requests) == (model, "20"), out
-        assert float(model_ms) == pytest.approx(statistics.median(compute[stage]), abs=0.006), (out, compute)
+        # model time is the compute tag, capped at what the runtime span's own time leaves
+        # after its queue (tags and span clocks are whole microseconds; the cap only lowers
+        # it), printed with two decimals: within a few hundredths below the tags' median
+        expected = statistics.median(compute[stage])
+        assert expected - 0.03 <= float(model_ms) <= expected + 0.006, (out, compute)
         assert 0 < float(model_ms) < float(call_ms) and 0 < float(mesh_ms) < float(call_ms), out
         assert abs(int(share.rstrip("%")) - 100 * float(mesh_ms) / float(call_ms)) <= 1, out
