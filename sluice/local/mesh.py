@@ -489,7 +489,7 @@ def default_runtimes() -> list[RuntimeSpec]:
     product-matching demo (a custom scikit-learn featurizer and a Spark ML classifier),
     and the Triton-layout models on the CPU fallback of the Triton runtime."""
     return [
-        RuntimeSpec("scikit", "scikit", ("iris_scaler", "iris_classifier"), 9000, 19000, 9100),
+        RuntimeSpec("scikit", "scikit", ("iris_scaler", "iris_classifier", "iris_tree", "iris_vote"), 9000, 19000, 9100),
         RuntimeSpec("serving-customscikit", "scikit", ("pm_scikit",), 9001, 19001, 9101),
         RuntimeSpec("serving-localml-spark", "spark", ("pm_spark",), 9002, 19002, 9102),
         RuntimeSpec("triton", "triton", ("iris_onnx", "mlp", "mlp_scaled", "risk_mlp"), 9003, 19003, 9103),
