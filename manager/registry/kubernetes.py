@@ -265,7 +265,9 @@ class KubernetesRegistry(Registry):
                 return
             previous, self._instances = set(self._instances), found_t
             for instance in found_t:
-                if instance not in previous:
+                # announced once its Service (kind, models) is known: an endpoint whose
+                # slice came before its Service is announced when the Service arrives
+                if instance not in previous and instance.endpoint.runtime in self._services:
                     self._announce(instance)
             log.info("kubernetes: %d ready runtime endpoint(s)", len(found_t))
             self._changed()
