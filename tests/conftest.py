@@ -26,6 +26,17 @@ def eventually(check: Callable[[], bool], timeout_s: float = 5.0, interval_s: fl
         time.sleep(interval_s)
 
 
+@pytest.fixture(scope="module")
+def pg_server():
+    """A real PostgreSQL server for the module (``sluice.local.postgres``), stopped by PID at the end."""
+    from sluice.local import postgres
+
+    if not postgres.available():
+        pytest.skip("PostgreSQL's server binaries (initdb, postgres) are not on PATH")
+    with postgres.PostgresServer() as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def model_store() -> Path:
     built = [STORE / "iris_classifier", *(TRITON_REPOSITORY / m / "1" / "model.onnx" for m in ("iris_onnx", "mlp", "mlp_scaled", "risk_mlp"))]

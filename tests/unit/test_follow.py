@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -34,17 +34,9 @@ MODELS = {
 }
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[postgres.PostgresServer]:
-    if not postgres.available():
-        pytest.skip("PostgreSQL's server binaries (initdb, postgres) are not on PATH")
-    with postgres.PostgresServer() as pg:
-        yield pg
-
-
 @pytest.fixture
-def url(server: postgres.PostgresServer) -> str:
-    return server.create_database(f"f_{uuid.uuid4().hex[:12]}")
+def url(pg_server: postgres.PostgresServer) -> str:
+    return pg_server.create_database(f"f_{uuid.uuid4().hex[:12]}")
 
 
 def plane(url: str, port: int, ttl_s: float = 6.0, **settings) -> ControlPlane:

@@ -18,7 +18,6 @@ import pytest
 
 import manager.store as store_module
 from manager.store import SCHEMA_VERSION, InstanceRow, LoadedModel, PipelineRow, Store
-from sluice.local import postgres
 from sluice.plan import Binding, PipelinePlan, StagePlan
 from sluice.tensors import TensorSpec
 from sluice.wire import route_key
@@ -58,15 +57,6 @@ def db(tmp_path: Path) -> Path:
 
 #: opens the test's database (the same one at every call): a Store or a PgStore
 Opener = Callable[[], Store]
-
-
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[postgres.PostgresServer]:
-    """A real PostgreSQL server for this module, stopped by PID at the end."""
-    if not postgres.available():
-        pytest.skip("PostgreSQL's server binaries (initdb, postgres) are not on PATH")
-    with postgres.PostgresServer() as server:
-        yield server
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

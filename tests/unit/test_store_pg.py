@@ -25,17 +25,9 @@ store_pg = pytest.importorskip("manager.store_pg")
 PgStore = store_pg.PgStore
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[postgres.PostgresServer]:
-    if not postgres.available():
-        pytest.skip("PostgreSQL's server binaries (initdb, postgres) are not on PATH")
-    with postgres.PostgresServer() as pg:
-        yield pg
-
-
 @pytest.fixture
-def url(server: postgres.PostgresServer) -> str:
-    return server.create_database(f"t_{uuid.uuid4().hex[:12]}")
+def url(pg_server: postgres.PostgresServer) -> str:
+    return pg_server.create_database(f"t_{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture
