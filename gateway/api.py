@@ -51,13 +51,9 @@ async def _serve(pipeline_name: str, request: Request) -> Response:
     # the body first: between looking a pipeline up and the executor holding its revision
     # there must be no await, or the revision could be drained and withdrawn in between
     body = await request.body()
-    pipeline = state.table.get(pipeline_name)
-    if pipeline is None:
-        metrics.requests("(unknown)", 404).inc()
-        raise ApiError(404, f"no pipeline {pipeline_name!r}", "not_found", pipeline=pipeline_name)
+    pipeline = _lookup(state, pipeline_name)
     span = trace.get_current_span()
     if span.is_recording():
-        span.set_attribute("sluice.pipeline", pipeline.name)
         span.set_attribute("sluice.revision", pipeline.revision)
     try:
         answer, marks, rows = await run_records(state.executor, pipeline, body)
@@ -105,11 +101,8 @@ async def run_records(executor: Executor, pipeline: CompiledPipeline, body: byte
     return answer, (read, ran), len(records)
 
 
-# --- NDJSON streams
-
-
-def _serve_stream(pipeline_name: str, request: Request) -> Response:
-    state = request.app.state
+def _lookup(state, pipeline_name: str):
+    """The served pipeline (404 ``not_found`` otherwise), named on the request's span."""
     pipeline = state.table.get(pipeline_name)
     if pipeline is None:
         metrics.requests("(unknown)", 404).inc()
@@ -117,6 +110,17 @@ def _serve_stream(pipeline_name: str, request: Request) -> Response:
     span = trace.get_current_span()
     if span.is_recording():
         span.set_attribute("sluice.pipeline", pipeline.name)
+    return pipeline
+
+
+# --- NDJSON streams
+
+
+def _serve_stream(pipeline_name: str, request: Request) -> Response:
+    state = request.app.state
+    pipeline = _lookup(state, pipeline_name)
+    span = trace.get_current_span()
+    if span.is_recording():
         span.set_attribute("sluice.stream", True)
     limit: int = state.max_body_bytes
 
