@@ -27,15 +27,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from manager.resolve import check_compatible, stage_signature
+from manager.resolve import check_compatible, stage_plan, stage_signature
 from manager.schemas import PipelineSpec, StageSpec
 from manager.store import RuntimeRow
-from manager.traffic_spec import resolve_traffic
 from sluice import conditions
 from sluice.errors import ApiError
 from sluice.plan import REQUEST, AnswerField, Binding, PipelinePlan, Source, StagePlan
 from sluice.tensors import TensorSpec
-from sluice.wire import route_key
 
 
 def _error(code: str, index: int, stage: StageSpec, stage_id: str, why: str, **details) -> ApiError:
@@ -133,22 +131,8 @@ def resolve_graph(spec: PipelineSpec, revision: int, runtimes: dict[str, Runtime
                          "no stage with the same 'after' has a 'when'")
 
     stages = tuple(
-        StagePlan(
-            name=stage.label,
-            runtime=stage.runtime,
-            model=stage.model,
-            version=stage.version or "",
-            route=route_key(spec.name, revision, index),
-            timeout_ms=stage.timeout_ms or default_timeout_ms,
-            inputs=signatures[index][0],
-            outputs=signatures[index][1],
-            bindings=bindings[index],
-            traffic=resolve_traffic(index, stage, runtimes),
-            id=ids[index],
-            after=tuple(waits[index]),
-            when=stage.when or "",
-            default=stage.default,
-        )
+        stage_plan(spec, revision, index, stage, runtimes, default_timeout_ms, *signatures[index], bindings[index],
+                   id=ids[index], after=tuple(waits[index]), when=stage.when or "", default=stage.default)
         for index, stage in enumerate(defs)
     )
     rate_limit = spec.rate_limit.plan() if spec.rate_limit is not None else None

@@ -34,22 +34,28 @@ def resolve(spec: PipelineSpec, revision: int, runtimes: dict[str, RuntimeRow], 
     for index, stage in enumerate(spec.stage_list()):
         signature = _signature(index, stage, runtimes)
         inputs, outputs = _tensors(signature["inputs"]), _tensors(signature["outputs"])
-        stages.append(
-            StagePlan(
-                name=stage.label,
-                runtime=stage.runtime,
-                model=stage.model,
-                version=stage.version or "",
-                route=route_key(spec.name, revision, index),
-                timeout_ms=stage.timeout_ms or default_timeout_ms,
-                inputs=inputs,
-                outputs=outputs,
-                bindings=_bindings(index, stage, inputs, stages[-1]) if stages else (),
-                traffic=resolve_traffic(index, stage, runtimes),
-            )
-        )
+        bindings = _bindings(index, stage, inputs, stages[-1]) if stages else ()
+        stages.append(stage_plan(spec, revision, index, stage, runtimes, default_timeout_ms, inputs, outputs, bindings))
     rate_limit = spec.rate_limit.plan() if spec.rate_limit is not None else None
     return PipelinePlan(spec.name, revision, spec.transportType, tuple(stages), rate_limit=rate_limit)
+
+
+def stage_plan(spec: PipelineSpec, revision: int, index: int, stage, runtimes: dict[str, RuntimeRow], default_timeout_ms: int,
+               inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], bindings: tuple[Binding, ...], **graph) -> StagePlan:
+    """Stage ``index`` of a plan, chain or graph (``graph``: its id, after, when, default)."""
+    return StagePlan(
+        name=stage.label,
+        runtime=stage.runtime,
+        model=stage.model,
+        version=stage.version or "",
+        route=route_key(spec.name, revision, index),
+        timeout_ms=stage.timeout_ms or default_timeout_ms,
+        inputs=inputs,
+        outputs=outputs,
+        bindings=bindings,
+        traffic=resolve_traffic(index, stage, runtimes),
+        **graph,
+    )
 
 
 def is_graph(spec: PipelineSpec) -> bool:
