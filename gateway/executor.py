@@ -6,6 +6,11 @@ branches run concurrently; a stage with a condition gets only the records its sw
 gives it, and the answer is merged back in the request's record order
 (``gateway.graph``). A failed stage cancels the others and fails the request.
 
+Consecutive plain stages on one runtime run as one call (``sluice.fusion``,
+``CompiledPipeline.calls``): the runtime runs them in order, each stage still has its
+span there, ``x-sluice-served-by`` names each, and a failure names the stage that
+failed (the runtime says which in its trailing metadata).
+
 The gateway never knows where a runtime is: each call carries the stage's route
 header (``sluice.wire.ROUTE_HEADER``) and Envoy's route picks the cluster, timeout
 and retries.
@@ -29,7 +34,8 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gateway import graph, metrics, served_by
-from gateway.pipelines import CompiledPipeline, CompiledStage, PipelineTable
+from gateway.pipelines import CompiledPipeline, CompiledRun, CompiledStage, PipelineTable
+from sluice.fusion import FAILED_STAGE_HEADER, FUSED_PARAMETER, FUSED_TAG, VERSIONS_PARAMETER
 from sluice.tensors import TensorError, raw_outputs
 from sluice.tracing import Tracing
 from sluice.wire import UNROUTED
@@ -88,8 +94,11 @@ class Executor:
         self.table.enter(pipeline)
         try:
             if pipeline.linear:
-                for stage in pipeline.order:
-                    parts[stage.id] = await self._stage(pipeline, stage, parts, n, switches)
+                for call in pipeline.calls or pipeline.order:
+                    if isinstance(call, CompiledRun):
+                        parts[call.stages[-1].id] = await self._fused(pipeline, call, parts, n)
+                    else:
+                        parts[call.id] = await self._stage(pipeline, call, parts, n, switches)
             else:
                 await self._run_graph(pipeline, parts, n, switches)
         finally:
@@ -142,7 +151,31 @@ class Executor:
             metrics.stage_seconds(pipeline.name, stage.index, stage.model).observe(time.perf_counter() - started)
         return graph.Part(rows, outputs)
 
-    async def _traced_call(self, pipeline: CompiledPipeline, stage: CompiledStage, current: dict[str, RawTensor]) -> dict[str, RawTensor]:
+    async def _fused(self, pipeline: CompiledPipeline, run: CompiledRun, parts: dict, n: int) -> graph.Part:
+        """Runs a fused run of stages (``sluice.fusion``) as one call; each of its stages
+        is timed as that call, and a failure names the stage that failed."""
+        first = run.first
+        try:
+            current = graph.inputs_for(first, parts, None, n)
+        except KeyError as exc:
+            raise StageFailed(first, 502, "stage_missing_input", f"no tensor {exc.args[0]!r} for the stage's inputs") from None
+        started = time.perf_counter()
+        try:
+            if self.tracing.enabled:
+                outputs = await self._traced_call(pipeline, first, current, run)
+            else:
+                outputs = await self._call(first, current, run.metadata, run)
+        except StageFailed as exc:
+            metrics.STAGE_ERRORS.labels(pipeline.name, str(exc.stage.index), exc.code).inc()
+            raise
+        finally:
+            elapsed = time.perf_counter() - started
+            for stage in run.stages:
+                metrics.stage_seconds(pipeline.name, stage.index, stage.model).observe(elapsed)
+        return graph.Part(None, outputs)
+
+    async def _traced_call(self, pipeline: CompiledPipeline, stage: CompiledStage, current: dict[str, RawTensor],
+                           run: CompiledRun | None = None) -> dict[str, RawTensor]:
         attributes = {
             "sluice.pipeline": pipeline.name,
             "sluice.revision": pipeline.revision,
@@ -150,25 +183,29 @@ class Executor:
             "sluice.stage_name": stage.name,
             "sluice.model": stage.model,
         }
-        with self.tracing.tracer.start_as_current_span(
-            f"stage {stage.index} {stage.model}", kind=trace.SpanKind.CLIENT, attributes=attributes
-        ) as span:
+        name = f"stage {stage.index} {stage.model}"
+        if run is not None:  # one call for the run: its stages and models joined by "+"
+            attributes["sluice.stage"] = "+".join(str(s.index) for s in run.stages)
+            attributes["sluice.model"] = "+".join(s.model for s in run.stages)
+            attributes[FUSED_TAG] = True
+            name = f"stages {attributes['sluice.stage']} {attributes['sluice.model']}"
+        with self.tracing.tracer.start_as_current_span(name, kind=trace.SpanKind.CLIENT, attributes=attributes) as span:
             # the egress Envoy continues the trace from these B3 headers
-            metadata = stage.metadata + tuple(Tracing.inject({}).items())
+            metadata = (run.metadata if run is not None else stage.metadata) + tuple(Tracing.inject({}).items())
             try:
-                return await self._call(stage, current, metadata)
+                return await self._call(stage, current, metadata, run)
             except StageFailed as exc:
                 span.set_status(trace.StatusCode.ERROR, exc.message)
                 span.set_attribute("sluice.error", exc.code)
                 raise
 
-    async def _infer(self, request: pb.ModelInferRequest, metadata: tuple, timeout_s: float) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, metadata: tuple, timeout_s: float) -> tuple[pb.ModelInferResponse, tuple]:
+        """The answer and its initial metadata."""
         for attempt in range(UNROUTED_RETRIES + 1):
             try:
                 call = self.stub.ModelInfer(request, metadata=served_by.forwarded(metadata), timeout=timeout_s)
                 response = await call
-                served_by.record(metadata, response.model_version, await call.initial_metadata())  # x-sluice-served-by
-                return response
+                return response, await call.initial_metadata()
             except grpc.aio.AioRpcError as exc:
                 unrouted = exc.code() == grpc.StatusCode.UNIMPLEMENTED and UNROUTED in (exc.details() or "")
                 if not unrouted or attempt == UNROUTED_RETRIES:
@@ -176,8 +213,12 @@ class Executor:
                 await asyncio.sleep(0.002 * 2**attempt)
         raise AssertionError("unreachable")
 
-    async def _call(self, stage: CompiledStage, current: dict[str, RawTensor], metadata: tuple) -> dict[str, RawTensor]:
+    async def _call(self, stage: CompiledStage, current: dict[str, RawTensor], metadata: tuple,
+                    run: CompiledRun | None = None) -> dict[str, RawTensor]:
+        """One stage's call, or a fused run's (``run``: ``stage`` is its first)."""
         request = pb.ModelInferRequest(model_name=stage.model, model_version=stage.version)
+        if run is not None:
+            request.parameters[FUSED_PARAMETER].string_param = run.steps
         for spec in stage.inputs:  # ``current``: the stage's inputs by name (gateway.graph.inputs_for)
             try:
                 datatype, shape, raw = current[spec.name]
@@ -189,8 +230,10 @@ class Executor:
             tensor.shape.extend(shape)
             request.raw_input_contents.append(raw)
         try:
-            response = await self._infer(request, metadata, stage.timeout_s)
+            response, answer_metadata = await self._infer(request, metadata, run.timeout_s if run is not None else stage.timeout_s)
         except grpc.aio.AioRpcError as exc:
+            if run is not None:
+                stage = _failed_stage(run, exc)
             status, code = _STATUS.get(exc.code(), (502, "stage_failed"))
             details = exc.details() or exc.code().name
             if served_by.rate_limited(exc):  # Envoy's local rate limit (manager.xds.traffic)
@@ -202,10 +245,31 @@ class Executor:
             elif exc.code() == grpc.StatusCode.UNAVAILABLE and "timeout" in details:
                 status, code = 504, "stage_timeout"
             raise StageFailed(stage, status, code, details) from None
+        if run is None:
+            served_by.record(metadata, response.model_version, answer_metadata)  # x-sluice-served-by
+        else:
+            versions = _fused_versions(response, len(run.stages))
+            for member, version in zip(run.stages, versions):
+                served_by.record(member.metadata, version, answer_metadata)
+            stage = run.stages[-1]
         try:
             return raw_outputs(response)
         except TensorError as exc:
             raise StageFailed(stage, 502, "stage_bad_output", str(exc)) from None
+
+
+def _failed_stage(run: CompiledRun, exc: grpc.aio.AioRpcError) -> CompiledStage:
+    """The stage of a fused run that failed, as the runtime named it (else the first)."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == FAILED_STAGE_HEADER:
+            return next((s for s in run.stages if str(s.index) == value), run.first)
+    return run.first
+
+
+def _fused_versions(response: pb.ModelInferResponse, count: int) -> list[str]:
+    """Each fused stage's model version, as the runtime listed them (else the answer's)."""
+    listed = response.parameters[VERSIONS_PARAMETER].string_param.split(",") if VERSIONS_PARAMETER in response.parameters else []
+    return listed if len(listed) == count else [response.model_version] * count
 
 
 #: the header Envoy sets on an answer it made because a circuit breaker overflowed

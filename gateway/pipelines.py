@@ -38,7 +38,7 @@ import grpc
 
 from gateway import served_by
 from gateway.metrics import PipelineStats
-from sluice import conditions
+from sluice import conditions, fusion
 from sluice.plan import REQUEST, AnswerField, PipelinePlan
 from sluice.plan_proto import from_proto
 from sluice.tensors import TensorSpec
@@ -75,6 +75,21 @@ class CompiledStage:
 
 
 @dataclass(frozen=True, slots=True)
+class CompiledRun:
+    """Consecutive stages run as one call (``sluice.fusion``): the first stage's request,
+    on the run's route, with the later stages in the ``sluice.fused`` parameter."""
+
+    stages: tuple[CompiledStage, ...]
+    metadata: tuple[tuple[str, str], ...]  # the first stage's, on the run's route
+    timeout_s: float
+    steps: str  # the ``sluice.fused`` parameter (JSON)
+
+    @property
+    def first(self) -> CompiledStage:
+        return self.stages[0]
+
+
+@dataclass(frozen=True, slots=True)
 class CompiledPipeline:
     name: str
     revision: int
@@ -88,6 +103,8 @@ class CompiledPipeline:
     order: tuple[CompiledStage, ...] = ()
     #: every stage waits for the one before and none has a condition: run one by one
     linear: bool = True
+    #: a linear pipeline's calls in order: a stage, or a fused run of stages (``sluice.fusion``)
+    calls: tuple[CompiledStage | CompiledRun, ...] = ()
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -111,8 +128,11 @@ class CompiledPipeline:
         return sum(s.timeout_s for s in self.stages)
 
 
-def compile_pipeline(plan: PipelinePlan, deadline_slack_ms: int) -> CompiledPipeline:
+def compile_pipeline(plan: PipelinePlan, deadline_slack_ms: int, fuse: bool = True) -> CompiledPipeline:
+    """``fuse``: run the plan's fused runs (``sluice.fusion``) as one call each."""
     named = plan.graph  # a chain's stages are known by their index (STAGE_HEADER)
+    runs = fusion.fused_runs(plan) if fuse else ()
+    steps = [fusion.encode_steps(fusion.steps(plan, run)) for run in runs]
     plan = plan.graph_form()
     stages = []
     for index, s in enumerate(plan.stages):
@@ -151,8 +171,15 @@ def compile_pipeline(plan: PipelinePlan, deadline_slack_ms: int) -> CompiledPipe
     linear = all(not (s.condition or s.default) for s in stages) and all(
         s.after == ((order[i - 1].id,) if i else ()) for i, s in enumerate(order)
     )
+    calls: list[CompiledStage | CompiledRun] = list(order) if linear else []
+    for run, encoded in zip(reversed(runs), reversed(steps)):  # from the end: indexes stay valid
+        first = stages[run.first]
+        metadata = tuple((k, run.route if k == ROUTE_HEADER else v) for k, v in first.metadata)
+        calls[run.first:run.last + 1] = [
+            CompiledRun(tuple(stages[run.indexes.start:run.indexes.stop]), metadata, (run.timeout_ms + deadline_slack_ms) / 1000, encoded)
+        ]
     return CompiledPipeline(plan.name, plan.revision, tuple(stages), request=plan.request, answer=plan.answer,
-                            order=order, linear=linear)
+                            order=order, linear=linear, calls=tuple(calls))
 
 
 def _topological(stages: list[CompiledStage]) -> tuple[CompiledStage, ...]:
@@ -173,7 +200,9 @@ def _topological(stages: list[CompiledStage]) -> tuple[CompiledStage, ...]:
 
 
 class PipelineTable:
-    def __init__(self) -> None:
+    def __init__(self, fuse: bool = True) -> None:
+        """``fuse``: run fused runs of stages as one call (``sluice.fusion``)."""
+        self.fuse = fuse
         self.pipelines: dict[str, CompiledPipeline] = {}
         self.version = ""
         self.ready = asyncio.Event()
@@ -217,7 +246,7 @@ class PipelineTable:
 
     def apply(self, message: pipeline_pb2.PipelineSet, deadline_slack_ms: int) -> list[CompiledPipeline]:
         """Serve ``message`` from now on; returns the revisions it replaced or removed."""
-        compiled = [compile_pipeline(from_proto(p), deadline_slack_ms) for p in message.pipelines]
+        compiled = [compile_pipeline(from_proto(p), deadline_slack_ms, self.fuse) for p in message.pipelines]
         # from here on nothing can fail or yield: the change is applied whole
         if message.full:
             previous, self.pipelines = self.pipelines, {p.name: p for p in compiled}

@@ -350,6 +350,8 @@ def _role(span: Span, parent: Role | None) -> Role:
         return Role.RUNTIME_ENVOY if parent is Role.EGRESS_ENVOY else Role.FRONT_ENVOY
     if span.kind == "CLIENT" and STAGE_TAG in span.tags:
         return Role.GATEWAY_CALL
+    if RUNTIME_TAG in span.tags:  # a runtime's call span, or one stage of a fused call under it
+        return Role.RUNTIME
     if span.kind == "SERVER":
         if RUNTIME_TAG in span.tags or parent is Role.RUNTIME_ENVOY:
             return Role.RUNTIME

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 # The _pb2 modules must be imported for json_format to resolve their "@type"s.
@@ -50,6 +50,7 @@ from manager.ca import GATEWAY_ID, MANAGER_ID, Issued, dns_name, runtime_id
 from manager.xds.ingress_auth import IngressAuth, public_ingress
 from manager.xds.limits import ClusterLimits, MeshLimits, overload_reply
 from manager.xds import traffic
+from sluice.fusion import fused_runs
 from sluice.plan import PipelinePlan
 from sluice.wire import (
     EGRESS, INGRESS, MODEL_HEADER, PIPELINE_HEADER, STAGE_HEADER, UNROUTED, ZIPKIN_CLUSTER,
@@ -574,6 +575,9 @@ def pipeline_scope_resource(name: str, revisions: list[PipelinePlan], retries: r
     for plan in revisions:
         for index, stage in enumerate(plan.stages):
             traffic.add_stage_routes(host, plan, index, stage, retries, f"{plan.name}/{index} {stage.model}")
+        for run in fused_runs(plan):  # sluice.fusion: the run's first stage's route, its summed timeout
+            first = replace(plan.stages[run.first], route=run.route, timeout_ms=run.timeout_ms)
+            traffic.add_stage_routes(host, plan, run.first, first, retries, f"{plan.name}/{run.first}-{run.last} fused")
     fallback = host.routes.add(name="unknown-stage")
     fallback.match.prefix = "/"
     fallback.direct_response.status = 404

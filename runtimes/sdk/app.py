@@ -117,7 +117,7 @@ async def serve_runtime(kind: str, loader: Loader, settings: RuntimeSettings | N
     server = grpc.aio.server(options=options)
     tracing = setup_tracing(settings.name)
     max_elements = settings.max_tensor_elements or settings.max_message_bytes
-    pool = PredictPool(settings.predict_threads)
+    pool = PredictPool(settings.predict_threads, settings.inline_below_ms / 1000)
     service = InferenceService(settings.name, kind, models, tracing, max_elements, settings.max_in_flight, pool)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()

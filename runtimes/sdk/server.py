@@ -51,6 +51,7 @@ model does not stall health checks, heartbeats or other calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -73,7 +74,9 @@ from runtimes.sdk.repository import (
 from sluice.limits import Overloaded
 from sluice.traffic import VERSION_HEADER
 from sluice.tensors import TensorError, fill_response, request_inputs
-from sluice.tracing import Tracing, tag_model_time
+from sluice.fusion import FAILED_STAGE_HEADER, FUSED_PARAMETER, FUSED_TAG, VERSIONS_PARAMETER, decode_steps
+from sluice.tracing import COMPUTE_MS_TAG, Tracing, tag_model_time
+from opentelemetry import trace
 
 log = logging.getLogger(__name__)
 
@@ -110,30 +113,120 @@ def _digests_param(parameters) -> dict[str, str] | None:
     return check_digests(value)
 
 
-class PredictPool:
-    """Worker threads that run models' ``predict`` off the event loop. ``predict`` is a
-    coroutine; each thread drives it on an event loop of its own (made once per thread)."""
+class StepFailed(Exception):
+    """A step of a chain run by ``PredictPool.predict_chain`` failed: ``index`` says which."""
 
-    def __init__(self, threads: int):
+    def __init__(self, index: int, error: Exception):
+        super().__init__(str(error))
+        self.index = index
+        self.error = error
+
+
+Link = tuple[tuple[str, str], ...]  # a chain step's inputs: (input, output of the step before)
+Timing = tuple[int, int]  # when a step's model began and ended computing, time.time_ns()
+
+
+class PredictPool:
+    """Where models' ``predict`` runs: worker threads off the event loop, each driving the
+    coroutine on an event loop of its own (made once per thread); or, for a model whose
+    recent calls computed in under ``inline_below_s`` (a moving average per model, the
+    first call always measured on a thread), on the event loop itself, since handing a
+    call to a thread and back costs more than such a model's whole computation. A model
+    that turns slow is back on a thread from its next call."""
+
+    #: weight of the newest call in a model's moving average of compute time
+    SMOOTHING = 0.2
+
+    def __init__(self, threads: int, inline_below_s: float = 0.0):
         self._executor = ThreadPoolExecutor(max(1, threads), thread_name_prefix="predict")
         self._local = threading.local()
+        self.inline_below_s = inline_below_s
+        self._cost: dict[int, float] = {}  # id(model) -> moving average of its compute seconds
 
-    def _drive(self, model: Model, inputs: dict) -> tuple[dict, float, float]:
-        began = time.perf_counter()
+    def _measured(self, model: Model, seconds: float) -> None:
+        key = id(model)
+        previous = self._cost.get(key)
+        self._cost[key] = seconds if previous is None else previous + self.SMOOTHING * (seconds - previous)
+
+    def _inline(self, models) -> bool:
+        if self.inline_below_s <= 0:
+            return False
+        total = 0.0
+        for model in models:
+            cost = self._cost.get(id(model))
+            if cost is None:
+                return False
+            total += cost
+        return total < self.inline_below_s
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
         loop = getattr(self._local, "loop", None)
         if loop is None:
             loop = self._local.loop = asyncio.new_event_loop()
-        return loop.run_until_complete(model.predict(inputs)), began, time.perf_counter()
+        return loop
+
+    def _drive(self, model: Model, inputs: dict) -> tuple[dict, float, float]:
+        began = time.perf_counter()
+        return self._loop().run_until_complete(model.predict(inputs)), began, time.perf_counter()
 
     async def predict(self, model: Model, inputs: dict) -> dict:
         """The model's answer; the time it waited for a thread and computed go on the span."""
+        if self._inline((model,)):
+            began = time.perf_counter()
+            outputs = await model.predict(inputs)
+            computed = time.perf_counter() - began
+            self._measured(model, computed)
+            tag_model_time(0.0, computed)
+            return outputs
         submitted = time.perf_counter()
         outputs, began, ended = await asyncio.get_running_loop().run_in_executor(self._executor, self._drive, model, inputs)
+        self._measured(model, ended - began)
         tag_model_time(began - submitted, ended - began)
         return outputs
 
+    async def predict_chain(self, models: list[Model], links: list[Link], inputs: dict) -> tuple[dict, list[Timing], float]:
+        """Run ``models`` in order, each on the outputs of the one before (``links[i]``: for
+        model ``i + 1``, its inputs from model ``i``'s outputs), in one hand-off to a thread
+        (or inline, as ``predict``). The last outputs, each model's compute timing, and how
+        long the chain waited for a thread; ``StepFailed`` naming the step that failed."""
+        if self._inline(models):
+            timings: list[Timing] = []
+            return await _chain(models, links, inputs, self._measured, timings), timings, 0.0
+        submitted = time.perf_counter()
+        outputs, timings, began = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._drive_chain, models, links, inputs)
+        return outputs, timings, began - submitted
+
+    def _drive_chain(self, models: list[Model], links: list[Link], inputs: dict) -> tuple[dict, list[Timing], float]:
+        began = time.perf_counter()
+        timings: list[Timing] = []
+        outputs = self._loop().run_until_complete(_chain(models, links, inputs, self._measured, timings))
+        return outputs, timings, began
+
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _chain(models: list[Model], links: list[Link], inputs: dict, measured, timings: list[Timing] | None = None) -> dict:
+    """The models in order, each checked against and fed from the one before's outputs."""
+    outputs = inputs
+    for index, model in enumerate(models):
+        try:
+            if index:
+                try:
+                    inputs = {name: outputs[source] for name, source in links[index - 1]}
+                except KeyError as exc:
+                    raise TensorError(f"the stage before gave no output {exc.args[0]!r}") from None
+                _check_inputs(model, inputs)
+            began_ns = time.time_ns()
+            outputs = await model.predict(inputs)
+            ended_ns = time.time_ns()
+        except Exception as exc:
+            raise StepFailed(index, exc) from exc
+        measured(model, (ended_ns - began_ns) / 1e9)
+        if timings is not None:
+            timings.append((began_ns, ended_ns))
+    return outputs
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -363,11 +456,83 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             metrics.inference_seconds(label).observe(time.perf_counter() - started)
 
     async def _infer(self, request, context):
+        if FUSED_PARAMETER in request.parameters:
+            return await self._infer_fused(request, context)
         try:
             with self.models.use(request.model_name, _routed_version(context) or request.model_version) as model:
                 return await self._run(model, request, context)
         except ModelNotFound as exc:
             await self._not_found(context, exc)
+
+    async def _infer_fused(self, request, context):
+        """A fused run of stages (``sluice.fusion``): the request's model, then each step's,
+        in one call; a failure names its stage (``FAILED_STAGE_HEADER``)."""
+        param = request.parameters[FUSED_PARAMETER]
+        try:
+            if param.WhichOneof("parameter_choice") != "string_param":
+                raise ValueError(f"parameter {FUSED_PARAMETER!r} must be a JSON string")
+            steps = decode_steps(param.string_param)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"runtime {self.name!r}: {exc}")
+        stages = [_header(context, STAGE_HEADER), *(str(s.stage) for s in steps)]
+        with contextlib.ExitStack() as using:
+            models = []
+            for index, (name, version) in enumerate(((request.model_name, _routed_version(context) or request.model_version),
+                                                     *((s.model, s.version) for s in steps))):
+                try:
+                    models.append(using.enter_context(self.models.use(name, version)))
+                except ModelNotFound as exc:
+                    context.set_trailing_metadata(((FAILED_STAGE_HEADER, stages[index]),))
+                    await self._not_found(context, exc)
+            try:
+                inputs = request_inputs(request, self.max_tensor_elements)
+                _check_inputs(models[0], inputs)
+            except TensorError as exc:
+                context.set_trailing_metadata(((FAILED_STAGE_HEADER, stages[0]),))
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{models[0].name}: {exc}")
+            links = [s.inputs for s in steps]
+            try:
+                if self.predict_pool is not None and not any(getattr(m, "runs_on_loop", False) for m in models):
+                    outputs, timings, queued = await self.predict_pool.predict_chain(models, links, inputs)
+                else:  # on the loop, as ``_run`` runs such models
+                    timings, queued = [], 0.0
+                    outputs = await _chain(models, links, inputs, lambda model, seconds: None, timings)
+            except StepFailed as failed:
+                await self._step_failed(context, models[failed.index], stages[failed.index], failed.error)
+            self._trace_steps(models, stages, timings, queued)
+            for model, (began, ended) in zip(models[1:], timings[1:]):  # the call itself counts the first
+                metrics.inferences(model.name, "OK").inc()
+                metrics.inference_seconds(model.name).observe((ended - began) / 1e9)
+            last = models[-1]
+            if request.outputs:
+                wanted = {o.name for o in request.outputs}
+                outputs = {k: v for k, v in outputs.items() if k in wanted}
+            response = pb.ModelInferResponse(model_name=request.model_name, model_version=last.version, id=request.id)
+            response.parameters[VERSIONS_PARAMETER].string_param = ",".join(m.version for m in models)
+            return fill_response(response, outputs, last.output_specs)
+
+    async def _step_failed(self, context, model: Model, stage: str, exc: Exception) -> None:
+        context.set_trailing_metadata(((FAILED_STAGE_HEADER, stage),))
+        if isinstance(exc, TensorError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{model.name}: {exc}")
+        if isinstance(exc, Overloaded):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"runtime {self.name!r}: {model.name}: {exc}")
+        log.error("model %s failed", model.name, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"{model.name}: {type(exc).__name__}: {exc}")
+
+    def _trace_steps(self, models: list[Model], stages: list[str], timings: list, queued: float) -> None:
+        """One span per fused stage under the call's span, at the times its model computed;
+        the call's span carries the time the chain waited for a thread."""
+        span = trace.get_current_span()
+        if not span.is_recording():
+            return
+        tag_model_time(queued, 0.0)  # the model time is on the stages' spans, each its own
+        for model, stage, (began, ended) in zip(models, stages, timings):
+            child = self.tracing.tracer.start_span(
+                f"infer {model.name}", start_time=began, kind=trace.SpanKind.INTERNAL,
+                attributes={"sluice.runtime": self.name, "sluice.model": model.name, "sluice.stage": stage,
+                            COMPUTE_MS_TAG: round((ended - began) / 1e6, 3), FUSED_TAG: True})
+            child.end(end_time=ended)
 
     async def _run(self, model: Model, request, context):
         try:
@@ -396,15 +561,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return fill_response(response, outputs, model.output_specs)
 
 
+def _header(context, name: str) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == name and isinstance(value, str):
+            return value
+    return ""
+
+
 def _routed_version(context) -> str:
     """The model version Envoy's route chose for this call (``x-sluice-model-version``,
     added per weighted cluster of a version split or by a mirror policy, see
     ``manager.xds.traffic``): it wins over the body's ``model_version``, since Envoy
     cannot rewrite a gRPC body. Empty when the route set none."""
-    for key, value in context.invocation_metadata() or ():
-        if key == VERSION_HEADER and isinstance(value, str):
-            return value
-    return ""
+    return _header(context, VERSION_HEADER)
 
 
 def _check_inputs(model: Model, inputs: dict) -> None:

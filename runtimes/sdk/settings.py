@@ -46,6 +46,9 @@ class RuntimeSettings(BaseSettings):
     #: threads that run models' predict off the event loop (models that compute on the
     #: calling thread; batching models run their own)
     predict_threads: int = Field(4, ge=1)
+    #: a model whose calls compute in less than this on average runs on the event loop,
+    #: not on a predict thread (the hand-off costs more); 0: always on a thread
+    inline_below_ms: float = Field(1.0, ge=0.0, le=100.0)
 
     @model_validator(mode="after")
     def _token_from_file(self) -> "RuntimeSettings":

@@ -28,6 +28,9 @@ pytestmark = pytest.mark.e2e
 RECORD = [{"sepal_length": 5.9, "sepal_width": 3.0, "petal_length": 5.1, "petal_width": 1.8}]
 #: the slow stage's compute time: large next to what the client's own HTTP stack adds
 SLOW_S = 0.2
+#: the spans of one iris request: front Envoy, gateway, its (fused) call, egress Envoy,
+#: runtime Envoy, the runtime's call and its two stages'
+SPANS = 8
 #: Envoy sends its spans every 5 s: how long a test waits for a trace to be whole
 TRACE_WAIT_S = 20
 
@@ -95,7 +98,9 @@ def test_sluice_trace_of_a_real_request_adds_up_to_its_time(traced):
     assert sum(out["hops"].values()) == pytest.approx(request_ms, rel=0.05)
     assert out["model_ms"] + out["mesh_ms"] == pytest.approx(request_ms, rel=0.05)
     assert 0 < out["mesh_share"] < 1 and 0 < out["way_back_ms"] < request_ms
-    assert out["detached_spans"] == 0 and len(out["spans"]) == len(spans) == 10
+    # the two stages run fused (sluice.fusion): front Envoy, gateway, its call, egress Envoy,
+    # runtime Envoy, the runtime's call span and one span per stage inside it
+    assert out["detached_spans"] == 0 and len(out["spans"]) == len(spans) == SPANS
 
     # every hop of the path has its own time, the processes' tags split theirs
     for hop in ("front Envoy", "gateway parse", "gateway encode", "gateway call", "egress Envoy", "runtime Envoy",
@@ -104,7 +109,7 @@ def test_sluice_trace_of_a_real_request_adds_up_to_its_time(traced):
     # model compute is what the runtimes measured around predict (their spans' tags)
     computed = sum(float(s["tags"]["sluice.compute_ms"]) for s in spans if "sluice.compute_ms" in s.get("tags", {}))
     assert out["hops"]["model compute"] == pytest.approx(computed, abs=0.002)
-    assert [(s["stage"], s["model"]) for s in out["stages"]] == [("0", "iris_scaler"), ("1", "iris_classifier")]
+    assert [(s["stage"], s["model"]) for s in out["stages"]] == [("0+1", "iris_scaler+iris_classifier")]
     assert all(0 < s["model_ms"] < s["call_ms"] for s in out["stages"])
 
     table = cli("trace", trace_id, "--zipkin", traced.zipkin_url)
@@ -155,20 +160,21 @@ def test_sluice_status_shows_per_stage_p50_of_model_and_mesh_time(traced):
         t.join(timeout=60)
     assert len(trace_ids) == 20, "a request failed (see the thread's exception above)"
     for trace_id in trace_ids:  # bounded wait until every hop of every request reached Zipkin
-        eventually(lambda: span_count(traced, trace_id) == 10, timeout_s=TRACE_WAIT_S, interval_s=0.25)
+        eventually(lambda: span_count(traced, trace_id) == SPANS, timeout_s=TRACE_WAIT_S, interval_s=0.25)
 
     out = cli("status", "--manager", traced.manager_url, "--gateway", traced.gateway_url, "--zipkin", traced.zipkin_url)
 
     rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in out.splitlines() if "│ iris-load " in line]
     stage_rows = {row[1]: row for row in rows if len(row) == 8}
-    assert set(stage_rows) == {"0", "1"}, out
-    # the runtimes' compute tags on those 20 requests, read raw from Zipkin: their p50 per stage
-    compute: dict[str, list[float]] = {"0": [], "1": []}
+    # the two stages run as one fused call: one row for it, named by both
+    assert set(stage_rows) == {"0+1"}, out
+    # the runtime's compute tags on those 20 requests, read raw from Zipkin: the p50 of
+    # each request's summed model time (each stage's span inside the fused call has its own)
+    compute: dict[str, list[float]] = {"0+1": []}
     for trace_id in trace_ids:
-        for s in raw_spans(traced, trace_id):
-            if "sluice.compute_ms" in s.get("tags", {}):
-                compute[s["tags"]["sluice.stage"]].append(float(s["tags"]["sluice.compute_ms"]))
-    for stage, model in (("0", "iris_scaler"), ("1", "iris_classifier")):
+        compute["0+1"].append(sum(float(s["tags"]["sluice.compute_ms"]) for s in raw_spans(traced, trace_id)
+                                  if "sluice.compute_ms" in s.get("tags", {})))
+    for stage, model in (("0+1", "iris_scaler+iris_classifier"),):
         _, _, shown_model, requests, call_ms, model_ms, mesh_ms, share = stage_rows[stage]
         assert (shown_model, requests) == (model, "20"), out
         # model time is the compute tag, capped at what the runtime span's own time leaves

@@ -1,5 +1,8 @@
 """One Zipkin trace per request, across every Envoy hop and stage, with the real
-Zipkin server; and serving that does not notice Zipkin going away.
+Zipkin server: for stages called one by one (``iris-apart``: its classifier stage has a
+retry policy of its own, so fusion never joins it to the scaler) and for a fused run
+(``iris``: both stages in one call, each with its own span inside the runtime's);
+and serving that does not notice Zipkin going away.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ def traced_mesh(tmp_path_factory, model_store):
     with mesh:
         created = httpx.post(f"{mesh.manager_url}/api/v1/pipelines", json={"name": "iris", "chain": IRIS_CHAIN}, timeout=10)
         assert created.status_code == 201, created.text
+        apart = [{"runtime": "scikit", "model": "iris_scaler"},
+                 {"runtime": "scikit", "model": "iris_classifier", "retries": {"attempts": 2, "on": ["unavailable"]}}]
+        created = httpx.post(f"{mesh.manager_url}/api/v1/pipelines", json={"name": "iris-apart", "stages": apart}, timeout=10)
+        assert created.status_code == 201, created.text
         yield mesh
 
 
@@ -45,7 +52,7 @@ def fetch_trace(mesh: LocalMesh, trace_id: str, expected_spans: int) -> list[dic
 
 
 def test_one_trace_holds_every_hop_and_stage(traced_mesh):
-    response = httpx.post(f"{traced_mesh.gateway_url}/serve/iris", json=RECORD, timeout=10)
+    response = httpx.post(f"{traced_mesh.gateway_url}/serve/iris-apart", json=RECORD, timeout=10)
     assert response.status_code == 200
     trace_id = response.headers["x-trace-id"]
     assert len(trace_id) == 32 and int(trace_id, 16)
@@ -67,7 +74,7 @@ def test_one_trace_holds_every_hop_and_stage(traced_mesh):
 
     gateway_server = [s for s in spans if service(s) == "gateway" and s.get("kind") == "SERVER"]
     assert len(gateway_server) == 1 and parent(gateway_server[0]) is roots[0]
-    assert gateway_server[0]["tags"]["sluice.pipeline"] == "iris"
+    assert gateway_server[0]["tags"]["sluice.pipeline"] == "iris-apart"
 
     runtime_spans = sorted((s for s in spans if service(s) == "scikit"), key=lambda s: s["timestamp"])
     assert [s["tags"]["sluice.model"] for s in runtime_spans] == ["iris_scaler", "iris_classifier"]
@@ -83,6 +90,28 @@ def test_one_trace_holds_every_hop_and_stage(traced_mesh):
         assert service(stage) == "gateway" and stage["tags"]["sluice.stage"] == str(index)
         assert stage["tags"]["sluice.model"] == runtime_span["tags"]["sluice.model"]
         assert parent(stage) is gateway_server[0]
+
+
+def test_a_fused_run_is_one_call_with_a_span_per_stage_inside_the_runtime(traced_mesh):
+    response = httpx.post(f"{traced_mesh.gateway_url}/serve/iris", json=RECORD, timeout=10)
+    assert response.status_code == 200
+    # gateway sidecar ingress, gateway server, its one call, egress, runtime sidecar,
+    # the runtime's call span and, under it, one span per stage
+    spans = fetch_trace(traced_mesh, response.headers["x-trace-id"], expected_spans=2 + 4 + 2)
+    by_id = {s["id"]: s for s in spans}
+    (call,) = [s for s in spans if s["localEndpoint"]["serviceName"] == "gateway" and s.get("kind") == "CLIENT"]
+    assert call["tags"]["sluice.stage"] == "0+1" and call["tags"]["sluice.model"] == "iris_scaler+iris_classifier"
+    stages = sorted((s for s in spans if s["tags"].get("sluice.fused") == "true" and s["localEndpoint"]["serviceName"] == "scikit"),
+                    key=lambda s: s["timestamp"])
+    assert [(s["tags"]["sluice.stage"], s["tags"]["sluice.model"]) for s in stages] == [("0", "iris_scaler"), ("1", "iris_classifier")]
+    runtime_call = by_id[stages[0]["parentId"]]
+    assert stages[1]["parentId"] == runtime_call["id"] and runtime_call.get("kind") == "SERVER"
+    sidecar = by_id[runtime_call["parentId"]]
+    assert sidecar["localEndpoint"]["serviceName"] == "scikit-sidecar"
+    assert by_id[by_id[sidecar["parentId"]]["parentId"]] is call
+    # each stage's span lies inside the runtime's call, the classifier after the scaler
+    assert runtime_call["timestamp"] <= stages[0]["timestamp"] <= stages[1]["timestamp"]
+    assert stages[1]["timestamp"] + stages[1]["duration"] <= runtime_call["timestamp"] + runtime_call["duration"] + 1
 
 
 def test_serving_survives_zipkin_going_down(traced_mesh):
