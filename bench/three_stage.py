@@ -8,22 +8,33 @@ three on one runtime. Trained here, deterministically, into a temporary model st
 
 Measured, at 1, 8 and 32 concurrent clients (asyncio), p50/p99 and req/s:
 
-  in-process          the three estimators called in this Python process (the floor)
-  runtime direct      three OIP ModelInfer calls chained by the client, straight to
-                      Sluice's scikit runtime process (no Envoy, no gateway)
-  MLServer chain      the same three calls to MLServer 1.7 (from .venv-mlserver, made
-                      by tests/integration/test_mlserver_stage.py when missing)
-  Sluice gRPC         one OIP ModelInfer to the gateway (through its sidecar)
-  Sluice HTTP         POST /serve/bc with one JSON record
+  in-process            the three estimators called in this Python process (the floor)
+  runtime direct        three OIP ModelInfer calls chained by the client, straight to
+                        Sluice's scikit runtime process (no Envoy, no gateway)
+  runtime direct fused  one ModelInfer to the runtime running the three as one fused
+                        call (``sluice.fusion``), what the gateway sends it
+  MLServer chain        the same three calls to MLServer 1.7 (from .venv-mlserver, made
+                        by tests/integration/test_mlserver_stage.py when missing)
+  Sluice gRPC           one OIP ModelInfer to the gateway (through its sidecar): the
+                        three stages run fused, one call to the runtime
+  Sluice gRPC apart     the same pipeline with a retry policy of its own on each stage,
+                        which fusion never crosses: three calls through the mesh
+  Sluice HTTP           POST /serve/bc with one JSON record (fused)
 
 and prints the aims of issue #13 beside the numbers: Sluice's p50 at 1 client over
 MLServer's, Sluice's req/s at 8 clients over MLServer's, and the mesh's own cost per
-stage: (Sluice gRPC - runtime direct) / 3 at p50.
-Run by hand: ``.venv/bin/python bench/three_stage.py [--requests 2000]``.
+stage at p50: (Sluice gRPC apart - runtime direct) / 3 for stages called one by one,
+and (Sluice gRPC - runtime direct fused) for the fused call (the mesh's cost per call).
+Run by hand: ``.venv/bin/python bench/three_stage.py [--requests 2000] [--replicas N]
+[--env KEY=VALUE ...]``: ``--replicas`` runs N gateway processes behind the gateway's
+sidecar and N runtime processes (``sluice up --replicas``); ``--env`` sets a setting
+of the mesh's processes, e.g. ``SLUICE_GATEWAY_FUSE_STAGES=false``.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import sys
 import tempfile
@@ -46,10 +57,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.mesh_latency import measure  # noqa: E402
-from bench.runner import run_benchmark  # noqa: E402
+from sluice.serving import install_uvloop  # noqa: E402
 from models.manifest import tensor, version_dir, write_manifest  # noqa: E402
 from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
 from sluice.local.procs import free_port, wait_until  # noqa: E402
+from sluice.fusion import FUSED_PARAMETER, FusedStep, encode_steps  # noqa: E402
 from sluice.tensors import raw_outputs  # noqa: E402
 
 PIPELINE = "bc"
@@ -62,7 +74,9 @@ STAGES = (
 #: MLServer's sklearn runtime names an output after the method it calls
 MLSERVER_OUTPUT = {"transform": "transform", "predict_proba": "predict_proba"}
 CLIENTS = (1, 8, 32)
-WAYS = ("in-process", "runtime direct", "MLServer chain", "Sluice gRPC", "Sluice HTTP")
+WAYS = ("in-process", "runtime direct", "runtime direct fused", "MLServer chain", "Sluice gRPC", "Sluice gRPC apart", "Sluice HTTP")
+#: each stage's own retry policy in ``bc-apart`` (Envoy's retries cost nothing on success)
+APART_RETRIES = {"attempts": 2, "on": ["unavailable", "reset", "connect-failure", "refused-stream"]}
 
 
 def train(store: Path, mlserver_root: Path, grpc_port: int) -> list:
@@ -115,7 +129,7 @@ def mlserver_binary() -> Path:
     return make()
 
 
-async def run(requests: int) -> None:
+async def run(requests: int, replicas: int = 1, env: dict[str, str] | None = None) -> None:
     console = Console(width=140)
     X, _ = load_breast_cancer(return_X_y=True)
     row = X[:1].astype(np.float64)
@@ -126,7 +140,7 @@ async def run(requests: int) -> None:
         scaler, pca, classifier = train(work / "store", work / "mlserver", mlserver_grpc)
         expected = classifier.predict_proba(pca.transform(scaler.transform(row)))
         mesh = LocalMesh(work / "mesh", [RuntimeSpec("scikit", "scikit", tuple(s[0] for s in STAGES))], MeshPorts.ephemeral(),
-                         env={"SLUICE_REPOSITORY_ROOTS": str(work / "store")})
+                         env={"SLUICE_REPOSITORY_ROOTS": str(work / "store"), **(env or {})}, replicas=replicas)
         with mesh:
             proc = mesh.supervisor.start("mlserver", [str(mlserver_binary()), "start", str(work / "mlserver")], cwd=work / "mlserver")
 
@@ -142,6 +156,8 @@ async def run(requests: int) -> None:
             wait_until(mlserver_ready, 120, "MLServer to load the three models", proc)
             created = httpx.post(f"{mesh.manager_url}/api/v1/pipelines", json={"name": PIPELINE, "chain": [f"scikit/{s[0]}" for s in STAGES]}, timeout=10)
             created.raise_for_status()
+            apart = [{"runtime": "scikit", "model": s[0], "retries": APART_RETRIES} for s in STAGES]
+            httpx.post(f"{mesh.manager_url}/api/v1/pipelines", json={"name": f"{PIPELINE}-apart", "stages": apart}, timeout=10).raise_for_status()
 
             async def in_process():
                 classifier.predict_proba(pca.transform(scaler.transform(row)))
@@ -154,14 +170,30 @@ async def run(requests: int) -> None:
             direct = chained(pb_grpc.GRPCInferenceServiceStub(channels["runtime direct"]), {}, row)
             mlserver = chained(pb_grpc.GRPCInferenceServiceStub(channels["MLServer chain"]), MLSERVER_OUTPUT, row)
             gateway = pb_grpc.GRPCInferenceServiceStub(channels["Sluice gRPC"])
+            runtime = pb_grpc.GRPCInferenceServiceStub(channels["runtime direct"])
             pipeline_request = pb.ModelInferRequest(model_name=PIPELINE)
             pipeline_request.inputs.add(name="features", datatype="FP64", shape=[1, 30])
             pipeline_request.raw_input_contents.append(row.astype("<f8").tobytes())
+            apart_request = pb.ModelInferRequest()
+            apart_request.CopyFrom(pipeline_request)
+            apart_request.model_name = f"{PIPELINE}-apart"
+            fused_request = pb.ModelInferRequest(model_name=STAGES[0][0])
+            fused_request.CopyFrom(pipeline_request)
+            fused_request.model_name = STAGES[0][0]
+            # what the gateway sends: the first model, then each later one on the output before
+            fused_request.parameters[FUSED_PARAMETER].string_param = encode_steps(tuple(
+                FusedStep(i, name, "", ((given, given),)) for i, (name, given, *_) in enumerate(STAGES) if i))
             http = httpx.AsyncClient(base_url=mesh.gateway_url, timeout=30, limits=httpx.Limits(max_keepalive_connections=64))
             body = json.dumps([{"features": row[0].tolist()}]).encode()
 
             async def sluice_grpc():
                 return await gateway.ModelInfer(pipeline_request)
+
+            async def sluice_grpc_apart():
+                return await gateway.ModelInfer(apart_request)
+
+            async def direct_fused():
+                return await runtime.ModelInfer(fused_request)
 
             async def sluice_http():
                 response = await http.post(f"/serve/{PIPELINE}", content=body, headers={"content-type": "application/json"})
@@ -173,10 +205,13 @@ async def run(requests: int) -> None:
             np.testing.assert_allclose(np.frombuffer(raw_outputs(answer)["probabilities"][2], "<f8").reshape(1, 2), expected, rtol=1e-9)
             np.testing.assert_allclose((await sluice_http()).json()[0]["probabilities"], expected[0], rtol=1e-9)
             np.testing.assert_allclose(await direct(), expected, rtol=1e-9)
+            for call in (sluice_grpc_apart, direct_fused):
+                np.testing.assert_allclose(np.frombuffer(raw_outputs(await call())["probabilities"][2], "<f8").reshape(1, 2), expected, rtol=1e-9)
             np.testing.assert_allclose(await mlserver(), expected, rtol=1e-9)
 
-            calls = {"in-process": in_process, "runtime direct": direct, "MLServer chain": mlserver,
-                     "Sluice gRPC": sluice_grpc, "Sluice HTTP": sluice_http}
+            calls = {"in-process": in_process, "runtime direct": direct, "runtime direct fused": direct_fused,
+                     "MLServer chain": mlserver, "Sluice gRPC": sluice_grpc, "Sluice gRPC apart": sluice_grpc_apart,
+                     "Sluice HTTP": sluice_http}
             for clients in CLIENTS:
                 for way in WAYS:
                     results[(way, clients)] = await measure(calls[way], clients, requests)
@@ -184,7 +219,9 @@ async def run(requests: int) -> None:
             for channel in channels.values():
                 await channel.close()
 
-    table = Table(title=f"3-stage breast_cancer pipeline (scaler -> PCA(10) -> LR), 1 row, {requests} requests a cell")
+    setup = f", {replicas} gateway and runtime processes" if replicas > 1 else ""
+    setup += "".join(f", {k}={v}" for k, v in (env or {}).items())
+    table = Table(title=f"3-stage breast_cancer pipeline (scaler -> PCA(10) -> LR), 1 row, {requests} requests a cell{setup}")
     for column in ("way", *(f"{c} client{'s' if c > 1 else ''} {what}" for c in CLIENTS for what in (("p50 ms", "p99 ms") if c == 1 else ("req/s",)))):
         table.add_column(column, justify="left" if column == "way" else "right")
     for way in WAYS:
@@ -196,14 +233,23 @@ async def run(requests: int) -> None:
     console.print(table)
     ml_p50, sl_p50 = results[("MLServer chain", 1)][0], results[("Sluice gRPC", 1)][0]
     ml_rps, sl_rps = results[("MLServer chain", 8)][2], results[("Sluice gRPC", 8)][2]
-    per_stage = (sl_p50 - results[("runtime direct", 1)][0]) / len(STAGES)
+    per_stage = (results[("Sluice gRPC apart", 1)][0] - results[("runtime direct", 1)][0]) / len(STAGES)
+    per_call = sl_p50 - results[("runtime direct fused", 1)][0]
     console.print(f"Sluice gRPC p50 / MLServer chain p50 at 1 client: {sl_p50 / ml_p50:.2f} (aim <= 0.5)")
     console.print(f"Sluice gRPC req/s / MLServer chain req/s at 8 clients: {sl_rps / ml_rps:.2f} (aim >= 3)")
-    console.print(f"the mesh's own cost per stage, p50 over calling the runtime directly: {per_stage:.2f} ms (aim <= 0.8)")
+    console.print(f"the mesh's own cost per stage, p50 over calling the runtime directly, stages apart: {per_stage:.2f} ms (aim <= 0.8)")
+    console.print(f"the mesh's own cost of the fused call (all three stages), p50 over calling the runtime directly: {per_call:.2f} ms")
 
 
 def main() -> None:
-    run_benchmark(run, __doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    env = dict(item.split("=", 1) for item in args.env)
+    install_uvloop()
+    asyncio.run(run(args.requests, args.replicas, env))
 
 
 if __name__ == "__main__":

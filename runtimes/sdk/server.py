@@ -44,8 +44,16 @@ at once with RESOURCE_EXHAUSTED (so is a call a full batching queue refuses,
 ``sluice.limits.Overloaded``). Health checks, metadata and the repository extension
 are not counted: they keep answering under load. A model whose ``predict`` computes
 on the calling thread (``Model.runs_on_loop`` false, the default) runs in the
-server's predict pool (``PredictPool``), never on the event loop, so a slow CPU-bound
-model does not stall health checks, heartbeats or other calls.
+server's predict pool (``PredictPool``), off the event loop, so a slow CPU-bound
+model does not stall health checks, heartbeats or other calls; only a model whose
+recent calls took less than ``inline_below_ms`` (a hand-off to a thread costs more)
+runs on the loop itself.
+
+Fused calls (``sluice.fusion``): a ModelInfer with the ``sluice.fused`` parameter runs
+its model and then each step's model on the outputs before, in one hand-off to the
+pool; every stage gets a span of its own under the call's, each model's metrics count
+it, the answer lists each model's version (``sluice.versions``), and a failure says
+which stage failed in the trailing metadata (``x-sluice-failed-stage``).
 """
 
 from __future__ import annotations
