@@ -134,6 +134,16 @@ class Executor:
                 raise StageFailed(stage, 422, "condition_failed", f"its switch's conditions could not be evaluated: {exc}") from None
         if rows is not None and len(rows) == 0:
             return graph.Part(rows, {})
+        return graph.Part(rows, await self._timed_call(pipeline, stage, parts, rows, n))
+
+    async def _fused(self, pipeline: CompiledPipeline, run: CompiledRun, parts: dict, n: int) -> graph.Part:
+        """Runs a fused run of stages (``sluice.fusion``) as one call."""
+        return graph.Part(None, await self._timed_call(pipeline, run.first, parts, None, n, run))
+
+    async def _timed_call(self, pipeline: CompiledPipeline, stage: CompiledStage, parts: dict, rows: graph.Rows, n: int,
+                          run: CompiledRun | None = None) -> dict[str, RawTensor]:
+        """The outputs of ``stage``'s call on ``rows`` (or of a fused ``run``'s, ``stage`` its
+        first), timed for each of its stages; a failure is counted on the stage that failed."""
         try:
             current = graph.inputs_for(stage, parts, rows, n)
         except KeyError as exc:
@@ -141,38 +151,15 @@ class Executor:
         started = time.perf_counter()
         try:
             if self.tracing.enabled:
-                outputs = await self._traced_call(pipeline, stage, current)
-            else:
-                outputs = await self._call(stage, current, stage.metadata)
-        except StageFailed as exc:
-            metrics.STAGE_ERRORS.labels(pipeline.name, str(stage.index), exc.code).inc()
-            raise
-        finally:
-            metrics.stage_seconds(pipeline.name, stage.index, stage.model).observe(time.perf_counter() - started)
-        return graph.Part(rows, outputs)
-
-    async def _fused(self, pipeline: CompiledPipeline, run: CompiledRun, parts: dict, n: int) -> graph.Part:
-        """Runs a fused run of stages (``sluice.fusion``) as one call; each of its stages
-        is timed as that call, and a failure names the stage that failed."""
-        first = run.first
-        try:
-            current = graph.inputs_for(first, parts, None, n)
-        except KeyError as exc:
-            raise StageFailed(first, 502, "stage_missing_input", f"no tensor {exc.args[0]!r} for the stage's inputs") from None
-        started = time.perf_counter()
-        try:
-            if self.tracing.enabled:
-                outputs = await self._traced_call(pipeline, first, current, run)
-            else:
-                outputs = await self._call(first, current, run.metadata, run)
+                return await self._traced_call(pipeline, stage, current, run)
+            return await self._call(stage, current, run.metadata if run is not None else stage.metadata, run)
         except StageFailed as exc:
             metrics.STAGE_ERRORS.labels(pipeline.name, str(exc.stage.index), exc.code).inc()
             raise
         finally:
             elapsed = time.perf_counter() - started
-            for stage in run.stages:
-                metrics.stage_seconds(pipeline.name, stage.index, stage.model).observe(elapsed)
-        return graph.Part(None, outputs)
+            for timed in run.stages if run is not None else (stage,):
+                metrics.stage_seconds(pipeline.name, timed.index, timed.model).observe(elapsed)
 
     async def _traced_call(self, pipeline: CompiledPipeline, stage: CompiledStage, current: dict[str, RawTensor],
                            run: CompiledRun | None = None) -> dict[str, RawTensor]:
