@@ -8,7 +8,13 @@ Rules that keep pipelines whole:
   the version is unloaded again where it had been newly loaded, and the call fails
   naming the instance and its reason. A loaded version is recorded, so every
   instance that registers later loads it before it takes traffic.
-* An unpinned stage runs the highest version its runtime serves. Unloading (or
+* A load that names no version loads every version the model's version policy loads
+  (``sluice.version_policy``, as the repository answers it; no policy: the latest),
+  each with its recorded digests; it answers the policy's default version.
+* An unpinned stage runs its runtime's default version of the model: the one the
+  model's version policy names when the runtime has it loaded, else the highest
+  version it serves (the runtime decides; the manager reads the stage's signature
+  from it unpinned, so the signature is the default's). Unloading (or
   deleting) a version is refused with a 409 naming the pipelines while a pipeline
   pins that version on that runtime, or while it is the only version left for an
   unpinned stage. Deleting a whole model is refused while any pipeline names it.
@@ -30,11 +36,12 @@ from manager.registry.base import Endpoint
 from manager.repository import RepositoryClient
 from manager import runtime_models
 from manager.runtime_models import LoadFailure
-from manager.schemas import LoadedModelOut, ModelInfo, ServedBy, UploadedModel
+from manager.schemas import LoadedModelOut, ModelInfo, ModelPolicyOut, ServedBy, UploadedModel
 from manager.signatures import SignatureError, read_signatures
 from manager.store import LoadedModel
 from sluice.errors import ApiError
 from sluice.paths import UnsafePath, check_version
+from sluice.version_policy import ModelPolicy
 
 log = logging.getLogger(__name__)
 
@@ -90,21 +97,43 @@ class ModelService:
 
     # --- versions on runtimes
     async def load(self, runtime: str, model: str, version: str | None) -> LoadedModelOut:
-        version = _checked_version(version)
+        """Load ``version`` of ``model`` on every instance of ``runtime``; no version: every
+        version the model's policy loads (answered: the policy's default)."""
+        pinned = _checked_version(version)
         endpoints = self._endpoints(runtime)
-        # an unknown model or version is a 404 before any runtime is asked
-        version = _checked_version(str((await self.repository.metadata(model, version))["version"]))
-        served = version in self.control.runtimes[runtime].models.get(model, {}).get("versions", [])
-        digests = (await self.digests.deployed(model, version)).as_dict()
-        failures = await runtime_models.load(endpoints, model, version, self.control.settings.model_load_timeout_s, digests)
-        if failures:
-            if not served:  # leave no instance serving a version the mesh does not know of
-                await runtime_models.unload(endpoints, model, version, self.control.settings.model_load_timeout_s)
-            raise _load_error(runtime, model, version, failures)
-        self.control.store.put_loaded_model(LoadedModel(runtime, model, version))
+        # an unknown model or version (or a refused version policy) is an error before any runtime is asked
+        metadata = await self.repository.metadata(model, pinned)
+        version = _checked_version(str(metadata["version"]))
+        wanted = [version] if pinned else [_checked_version(v) for v in ModelPolicy.from_json(metadata).unpinned(version)]
+        served = set(self.control.runtimes[runtime].models.get(model, {}).get("versions", []))
+        loaded: list[str] = []
+        for each in wanted:
+            digests = (await self.digests.deployed(model, each)).as_dict()
+            failures = await runtime_models.load(endpoints, model, each, self.control.settings.model_load_timeout_s, digests)
+            if failures:
+                for newly in [*loaded, each]:  # leave no instance serving a version the mesh does not know of
+                    if newly not in served:
+                        await runtime_models.unload(endpoints, model, newly, self.control.settings.model_load_timeout_s)
+                raise _load_error(runtime, model, each, failures)
+            loaded.append(each)
+        for each in loaded:
+            self.control.store.put_loaded_model(LoadedModel(runtime, model, each))
         signature = await self._learn(runtime, model, endpoints)
-        log.info("model %s version %s loaded on runtime %s (%d instances)", model, version, runtime, len(endpoints))
+        log.info("model %s version(s) %s loaded on runtime %s (%d instances)", model, ", ".join(loaded), runtime, len(endpoints))
         return LoadedModelOut(runtime=runtime, model=model, version=version, instances=len(endpoints), **signature)
+
+    async def set_policy(self, name: str, body: Any, authorization: str = "") -> ModelPolicyOut:
+        """Set the model's version policy in the repository (checked there); it reaches a
+        runtime when the runtime next loads a version of the model it does not have yet,
+        or restarts."""
+        answer = ModelPolicyOut(**await self.repository.put_policy(name, body, authorization))
+        log.info("model %s: version policy set: %s", name, answer.version_policy)
+        return answer
+
+    async def remove_policy(self, name: str, authorization: str = "") -> ModelPolicyOut:
+        answer = ModelPolicyOut(**await self.repository.delete_policy(name, authorization))
+        log.info("model %s: version policy removed (the latest version answers)", name)
+        return answer
 
     async def unload(self, runtime: str, model: str, version: str | None) -> None:
         version = _checked_version(version)

@@ -1,5 +1,6 @@
 """The manager's REST API for models: list what the repository holds and who serves
-it, upload a new version (streamed through to the repository), delete, load or
+it, upload a new version (streamed through to the repository), set which version
+answers unpinned requests (the model's version policy), delete, load or
 unload a version on a runtime without restarting it, and the SHA-256 digests
 recorded when a version was deployed (what runtimes check model files against).
 """
@@ -10,7 +11,7 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 
 from manager.digests import ModelDigestsOut
 from manager.models import ModelService
-from manager.schemas import LoadedModelOut, LoadModel, MeshInfo, ModelInfo, UploadedModel
+from manager.schemas import LoadedModelOut, LoadModel, MeshInfo, ModelInfo, ModelPolicyOut, UploadedModel, VersionPolicyIn
 from sluice.errors import ApiError, error_responses
 
 router = APIRouter(prefix="/api/v1")
@@ -127,6 +128,35 @@ async def upload_model(request: Request, name: str = Path(pattern=MODEL_NAME)) -
     if content_type.split(";")[0].strip().lower() not in UPLOAD_TYPES:
         raise ApiError(415, f"a model upload is a tar.gz or multipart/form-data body, not {content_type or 'no content type'!r}", accepted=list(UPLOAD_TYPES))
     return await _models(request).upload(name, request.stream(), content_type, request.headers.get("authorization", ""))
+
+
+_POLICY_ERRORS = {
+    **error_responses(
+        400, 404, 409, 422,
+        s400="the body is not JSON",
+        s404="no such model (or, to remove, it has no version policy)",
+        s409="`read_only`: the model lives in a read-only root of the repository",
+        s422="`bad_version_policy`: malformed, or names a version the model does not have (or not a model name)",
+    ),
+    502: _ERRORS[502],
+    503: _ERRORS[503],
+}
+
+
+@router.put("/models/{name}/version-policy", response_model=ModelPolicyOut, tags=["models"], responses=_POLICY_ERRORS)
+async def set_version_policy(request: Request, body: VersionPolicyIn, name: str = Path(pattern=MODEL_NAME)) -> ModelPolicyOut:
+    """Set which versions a runtime loads when asked for the model without a version, and
+    which version answers requests that name none (e.g. ship a version 2 while 1 stays the
+    default): `{"load": {"specific": {"versions": ["1", "2"]}}, "default": "1"}`. Checked
+    against the model's versions. Runtimes apply it when they next load a version of the
+    model they do not have yet, or restart."""
+    return await _models(request).set_policy(name, body.model_dump(exclude_none=True), request.headers.get("authorization", ""))
+
+
+@router.delete("/models/{name}/version-policy", response_model=ModelPolicyOut, tags=["models"], responses=_POLICY_ERRORS)
+async def remove_version_policy(request: Request, name: str = Path(pattern=MODEL_NAME)) -> ModelPolicyOut:
+    """Remove the model's version policy: its latest version loads and answers again."""
+    return await _models(request).remove_policy(name, request.headers.get("authorization", ""))
 
 
 @router.delete("/models/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["models"], responses={**_ERRORS, **error_responses(422, s422="not a model name or not a version")})

@@ -1,8 +1,8 @@
 """The manager's client of the model repository: model listings, uploads streamed
 through, deletes.
 
-The repository is the only place model files live; the manager fronts it so that a
-user (or the SDK) needs one URL, and so that a delete can first be checked against
+The repository is the only place model files live (and models' version policies);
+the manager fronts it so that a user (or the SDK) needs one URL, and so that a delete can first be checked against
 the pipelines that use the model. An error the repository answers in the project's
 JSON shape passes through with its status, code and details; an unreachable
 repository is a 503.
@@ -35,7 +35,8 @@ class RepositoryClient:
         return await self._json("GET", f"/models/{name}")
 
     async def metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        """One version's metadata (the latest when ``version`` is None)."""
+        """One version's metadata (the model's default version when ``version`` is None:
+        its version policy's, else the latest), with the model's policy fields."""
         return await self._json("GET", f"/metadata/{name}", params={"version": version} if version else None)
 
     async def files(self, name: str, version: str) -> dict[str, Any]:
@@ -48,6 +49,15 @@ class RepositoryClient:
         for the ``deploy`` scope in secure mode (the manager holds no write credential)."""
         headers = {"content-type": content_type, **({"authorization": authorization} if authorization else {})}
         return await self._json("POST", f"/models/{name}", content=body, headers=headers, timeout=None)
+
+    async def put_policy(self, name: str, body: Any, authorization: str = "") -> dict[str, Any]:
+        """Set the model's version policy (the repository checks it); answers the policy's fields."""
+        headers = {"authorization": authorization} if authorization else None
+        return await self._json("PUT", f"/models/{quote(name, safe='')}/version-policy", json=body, headers=headers)
+
+    async def delete_policy(self, name: str, authorization: str = "") -> dict[str, Any]:
+        headers = {"authorization": authorization} if authorization else None
+        return await self._json("DELETE", f"/models/{quote(name, safe='')}/version-policy", headers=headers)
 
     async def delete(self, name: str, version: str | None = None, authorization: str = "") -> None:
         await self._send(

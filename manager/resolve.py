@@ -6,6 +6,11 @@ A definition that uses none of the graph fields (``after``, ``id``, ``when``,
 otherwise to a graph plan (``manager.graph``), checked for cycles, unknown stage ids,
 edges whose tensors do not fit and conditions that do not parse or type.
 
+A stage with no version stays unpinned in the plan (``version`` ""): its runtime's
+default version serves it (the model's version-policy default when loaded, else the
+highest; ``sluice.version_policy``), and its signature is the one the runtime reports
+for the model unpinned (``manager.signatures``), i.e. that default's.
+
 Each stage gets its runtime, model, signature, Envoy route key and input bindings
 (which output of the previous stage feeds which input). A stage that names an
 unknown runtime or model, or whose inputs the previous stage cannot feed, is refused

@@ -8,7 +8,7 @@ resolve to the same list of stages.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema, WithJsonSchema
@@ -259,10 +259,94 @@ class ModelVersionOut(BaseModel):
     served_by: list[ServedBy]
 
 
-class ModelInfo(BaseModel):
+class VersionPolicyModel(BaseModel):
+    """A model's version policy (``versions.json``, ``sluice.version_policy``): ``load`` is one
+    of ``{"latest": {"num_versions": N}}``, ``{"all": {}}``, ``{"specific": {"versions": [...]}}``;
+    ``default`` is the version an unpinned request gets (default: the highest one loaded)."""
+
+    load: dict[str, Any]
+    default: str | None = None
+
+
+_POLICY_VERSION = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class LatestLoad(BaseModel):
+    """Load the ``num_versions`` highest versions."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    num_versions: json_int(ge=1, le=1_000_000) = 1
+
+
+class AllLoad(BaseModel):
+    """Load every version."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class SpecificLoad(BaseModel):
+    """Load exactly these versions."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    versions: list[Annotated[str, Field(pattern=_POLICY_VERSION)]] = Field(min_length=1, json_schema_extra={"uniqueItems": True})
+
+    @field_validator("versions")
+    @classmethod
+    def _unique(cls, versions: list[str]) -> list[str]:
+        if len(set(versions)) != len(versions):
+            raise ValueError("a version is listed twice")
+        return versions
+
+
+class LoadPolicyIn(BaseModel):
+    """Exactly one of ``latest``, ``all``, ``specific`` (Triton's ``ModelVersionPolicy``)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"minProperties": 1, "maxProperties": 1})
+
+    # absent, never null (a None default is not validated; an explicit null is refused)
+    latest: LatestLoad = None  # type: ignore[assignment]
+    all: AllLoad = None  # type: ignore[assignment]
+    specific: SpecificLoad = None  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "LoadPolicyIn":
+        if sum(x is not None for x in (self.latest, self.all, self.specific)) != 1:
+            raise ValueError("'load' names exactly one of 'latest', 'all', 'specific'")
+        return self
+
+
+class VersionPolicyIn(BaseModel):
+    """A model's new version policy (``PUT /api/v1/models/<m>/version-policy``); the
+    repository checks it against the model's versions (a version it does not have: 422)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    #: which versions a runtime loads for the unpinned model; default: the latest one
+    load: LoadPolicyIn = None  # type: ignore[assignment]  # absent, never null
+    #: the version an unpinned request gets; default: the highest one loaded
+    default: Annotated[str, Field(pattern=_POLICY_VERSION)] = None  # type: ignore[assignment]  # absent, never null
+
+
+class ModelPolicyOut(BaseModel):
+    """How a model's versions are chosen when none is named."""
+
+    #: the version an unpinned request gets (the policy's default, else the latest); null: the policy is refused
+    default_version: str | None = None
+    #: the versions a runtime loads when asked for the model without a version
+    load_versions: list[str] = []
+    #: the model's policy; null: none (the latest version loads and answers)
+    version_policy: VersionPolicyModel | None = None
+    #: why the model's policy file is refused, when it is
+    policy_error: str | None = None
+
+
+class ModelInfo(ModelPolicyOut):
     name: str
     layout: str
     framework: str
+    #: the highest version (``default_version`` answers unpinned requests)
     latest: str
     versions: list[ModelVersionOut]
 
@@ -283,7 +367,7 @@ class LoadModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-    #: default: the repository's latest version at the time of the call
+    #: default: every version the model's version policy loads (no policy: the latest)
     version: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -291,7 +375,8 @@ class LoadedModelOut(BaseModel):
     runtime: str
     model: str
     version: str
-    #: every version of the model the runtime now serves (the highest answers unpinned stages)
+    #: every version of the model the runtime now serves (its default answers unpinned stages: the
+    #: model's version-policy default when loaded, else the highest)
     versions: list[str]
     platform: str
     inputs: list[TensorSpecModel]

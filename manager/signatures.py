@@ -2,6 +2,11 @@
 
 Works against any Open-Inference-Protocol server (our runtimes, Triton, MLServer):
 ModelMetadata for each named model, or the repository index when none are named.
+A model named without a version is read as the server answers it unpinned: our
+runtimes answer with their default version (the model's version-policy default when
+loaded, else the highest: ``sluice.version_policy``), Triton with its highest loaded
+one; so an unpinned stage is checked against the signature of the version that will
+serve it.
 The call goes to the runtime's sidecar over mTLS with the manager's certificate
 (``manager.tls``), and checks that the sidecar is the named runtime's.
 """

@@ -1,7 +1,8 @@
 """Trains every example model (``python -m models.build [store] [triton_root]``): the
 Sluice-layout store (scikit-learn, Spark ML) and the Triton-layout repository (ONNX).
 
-Everything is deterministic. ``pm_spark`` needs a JVM (about 15 s to start), so it is
+Everything is deterministic. ``iris_classifier`` ships versions 1 and 2 with a version
+policy (``versions.json``: both load, version 1 answers unpinned requests). ``pm_spark`` needs a JVM (about 15 s to start), so it is
 trained only when its training data changed: its ``model.json`` records the
 ``training_fingerprint`` of the features and labels it was fitted on, and the build
 retrains when that differs from the featurizer's current output (a new feature, new
@@ -15,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from models import train_iris, train_pm_scikit, train_triton
+from models import train_iris, train_iris_v2, train_pm_scikit, train_triton
 from models.manifest import version_dir
 from models.train_product_matching import PIPELINE_DIR, train_pm_spark, training_fingerprint
 
@@ -32,6 +33,7 @@ def _trained_on(manifest: Path) -> str | None:
 
 def build(root: Path = DEFAULT_STORE, triton_root: Path = train_triton.DEFAULT_ROOT) -> Path:
     train_iris.train(root)
+    train_iris_v2.ship(root)  # iris_classifier 2, and the policy that keeps 1 the default
     train_triton.build_repository(triton_root)
     features, labels = train_pm_scikit.train(root)
     pm_spark = root / "pm_spark" / "1"

@@ -1,19 +1,23 @@
 """The repository's HTTP API.
 
-Reading (every endpoint takes ``?version=``, default: the latest version):
+Reading (every endpoint takes ``?version=``, default: the model's default version,
+which its version policy names, else the latest; a refused policy makes an unpinned
+lookup a 422 ``bad_version_policy``, a pinned one still answers):
 ``/models`` (``?detail=true``: every model in full), ``/models/<m>`` (one model in
 full: versions, signatures, files with digests), ``/metadata/<m>``, ``/files/<m>``,
 ``/download/<m>/<file>``.
 
 Writing: ``POST /models/<m>`` uploads a new, immutable version (``repository.upload``);
 ``DELETE /models/<m>[?version=V]`` removes the model or one version
-(``repository.delete``). File work (unpacking, hashing, removing) runs in worker
+(``repository.delete``); ``PUT``/``DELETE /models/<m>/version-policy`` set or remove
+the model's version policy (``repository.policy``). File work (unpacking, hashing, removing) runs in worker
 threads, never on the event loop. Every error is the project's JSON error shape.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request, Response
@@ -22,11 +26,13 @@ from fastapi.responses import FileResponse
 from repository import views
 from repository.catalog import Catalog, ModelEntry, PathRefused
 from repository.delete import delete
-from repository.schemas import ModelOut, UploadedOut, errors
+from repository.policy import put_policy, remove_policy
+from repository.schemas import ModelOut, PolicyOut, UploadedOut, errors
 from repository.settings import RepositorySettings
 from repository.staging import ModelLocks
 from repository.upload import MULTIPART, TAR_TYPES, Uploader
 from sluice.errors import ApiError, install_error_handlers
+from sluice.version_policy import MAX_POLICY_BYTES
 from sluice.metrics import mount_metrics
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
@@ -49,11 +55,27 @@ _UPLOAD_BODY = {
 }
 
 
+_POLICY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "load": {"type": "object", "description": 'one of {"latest": {"num_versions": N}}, {"all": {}}, '
+                         '{"specific": {"versions": [...]}}; default: {"latest": {"num_versions": 1}}'},
+                "default": {"type": "string", "description": "the version an unpinned request gets; default: the highest one loaded"},
+            },
+        }}},
+    }
+}
+
+
 def _entry(catalog: Catalog, model: str, version: str | None) -> tuple[ModelEntry, str]:
     entry = catalog.get(model)
     if entry is None:
         raise ApiError(404, f"no model {model!r}", "not_found", model=model)
-    version = version or entry.latest
+    version = version or entry.unpinned()
     if version not in entry.versions:
         raise ApiError(404, f"model {model!r} has no version {version!r}", "not_found", versions=list(entry.versions))
     return entry, version
@@ -89,8 +111,10 @@ def create(settings: RepositorySettings, base_dir: Path | None = None) -> FastAP
 
     @app.get("/models/{name}", tags=["models"], response_model=ModelOut, responses=errors(e404="no such model"))
     async def model(name: str) -> dict:
-        """One model in full: every version's framework, inputs, outputs and files (with SHA-256)."""
-        entry, _ = _entry(catalog, name, None)
+        """One model in full: every version's framework, inputs, outputs and files (with SHA-256), and its version policy."""
+        entry = catalog.get(name)
+        if entry is None:
+            raise ApiError(404, f"no model {name!r}", "not_found", model=name)
         return await asyncio.to_thread(views.detail, entry)
 
     @app.post(
@@ -125,6 +149,28 @@ def create(settings: RepositorySettings, base_dir: Path | None = None) -> FastAP
         await asyncio.to_thread(delete, catalog, locks, name, version)
         return Response(status_code=204)
 
+    @app.put("/models/{name}/version-policy", tags=["models"], response_model=PolicyOut,
+             responses=errors(e404="no such model", e409="`read_only`: the model lives in a read-only root",
+                              e422="`bad_version_policy`: malformed, or names a version the model does not have"),
+             openapi_extra=_POLICY_BODY)
+    async def set_policy(name: str, request: Request) -> dict:
+        """Set the model's version policy: which versions an unpinned load loads, and which one
+        answers an unpinned request (`{"load": {"specific": {"versions": ["1", "2"]}}, "default": "1"}`)."""
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if len(raw) <= MAX_POLICY_BYTES else None
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(422, f"model {name!r}: version policy refused: the body is not valid JSON: {exc}", "bad_version_policy") from None
+        if body is None:
+            raise ApiError(413, f"a version policy may have at most {MAX_POLICY_BYTES} bytes", "too_large")
+        return await asyncio.to_thread(put_policy, catalog, locks, name, body)
+
+    @app.delete("/models/{name}/version-policy", tags=["models"], response_model=PolicyOut,
+                responses=errors(e404="no such model, or it has no version policy", e409="`read_only`: the model lives in a read-only root"))
+    async def delete_policy(name: str) -> dict:
+        """Remove the model's version policy: its latest version loads and answers again."""
+        return await asyncio.to_thread(remove_policy, catalog, locks, name)
+
     @app.get("/metadata/{model}", tags=["models"])
     async def metadata(model: str, version: str | None = Query(None)) -> dict:
         entry, version = _entry(catalog, model, version)
@@ -135,6 +181,7 @@ def create(settings: RepositorySettings, base_dir: Path | None = None) -> FastAP
             "layout": entry.layout,
             "versions": list(entry.versions),
             "latest": entry.latest,
+            **views.policy(entry),
             "version": version,
             "inputs": manifest.get("inputs", []),
             "outputs": manifest.get("outputs", []),

@@ -12,6 +12,12 @@ Two layouts are recognised:
 Every file path handed out or accepted is checked to stay inside its model's
 directory: ``..`` segments, absolute paths and symlinks that lead outside are refused.
 
+A model's version policy (``sluice.version_policy``: ``<model>/versions.json``, either
+layout) says which versions an unpinned load loads and which one answers an unpinned
+request (``ModelEntry.policy``); with no policy file, the latest. A policy that is
+malformed or names a version the model lacks is kept with its error (the model is
+still listed; its unpinned lookups are refused).
+
 Dot-directories (``.staging``, where uploads and deletes are prepared, and any other)
 are never models and never versions. ``get(name)`` looks at the disk every time, so
 an upload or a delete (or a model trained after start-up) shows at once; ``scan()``
@@ -22,11 +28,12 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sluice.errors import ApiError
+from sluice.version_policy import POLICY_FILE, ModelPolicy
 from sluice.versions import version_key
 
 
@@ -41,10 +48,20 @@ class ModelEntry:
     directory: Path
     versions: tuple[str, ...]
     manifests: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
+    #: its version policy as it applies to ``versions`` (read with the entry)
+    policy: ModelPolicy = field(default=ModelPolicy(None, ()), compare=False)
 
     @property
     def latest(self) -> str:
+        """The highest version (not necessarily the default: see ``unpinned``)."""
         return self.versions[-1]
+
+    def unpinned(self) -> str:
+        """The version an unpinned request gets; ``ApiError`` 422 when the policy is refused."""
+        if self.policy.default_version is None:
+            raise ApiError(422, f"model {self.name!r}: its version policy ({POLICY_FILE}) is refused: {self.policy.error}; "
+                           "name a version, or fix the policy", "bad_version_policy", model=self.name, versions=list(self.versions))
+        return self.policy.default_version
 
     @property
     def framework(self) -> str:
@@ -158,7 +175,7 @@ def _read_entry(directory: Path) -> ModelEntry | None:
 def _entry(directory: Path) -> ModelEntry | None:
     if (directory / "config.pbtxt").is_file():
         versions = sorted((p.name for p in _visible_dirs(directory) if _numeric(p.name)), key=version_key)
-        return ModelEntry(directory.name, "triton", directory, tuple(versions)) if versions else None
+        return _with_policy(ModelEntry(directory.name, "triton", directory, tuple(versions))) if versions else None
     manifests: dict[str, dict[str, Any]] = {}
     for version_dir in _visible_dirs(directory):
         manifest = version_dir / "model.json"
@@ -172,4 +189,9 @@ def _entry(directory: Path) -> ModelEntry | None:
     if not manifests:
         return None
     versions = tuple(sorted(manifests, key=version_key))
-    return ModelEntry(directory.name, "sluice", directory, versions, manifests)
+    return _with_policy(ModelEntry(directory.name, "sluice", directory, versions, manifests))
+
+
+def _with_policy(entry: ModelEntry) -> ModelEntry:
+    """``entry`` with its version policy read and checked against its versions."""
+    return replace(entry, policy=ModelPolicy.of(entry.directory, entry.versions))

@@ -39,13 +39,39 @@ class VersionOut(BaseModel):
     files: list[FileOut]
 
 
+class VersionPolicyOut(BaseModel):
+    """A model's version policy file (``versions.json``), normalised: ``load`` is one of
+    ``{"latest": {"num_versions": N}}``, ``{"all": {}}``, ``{"specific": {"versions": [...]}}``."""
+
+    load: dict[str, Any]
+    default: str | None = None
+
+
+class PolicyOut(BaseModel):
+    """A model's version policy as it applies now (after a change to it)."""
+
+    default_version: str | None
+    load_versions: list[str]
+    version_policy: VersionPolicyOut | None
+    policy_error: str | None = None
+
+
 class ModelOut(BaseModel):
-    """A model in full: every version's framework, signature and files."""
+    """A model in full: every version's framework, signature and files, and its version policy."""
 
     name: str
     layout: str
     framework: str
+    #: the highest version
     latest: str
+    #: the version an unpinned request gets (the policy's default, else the latest); null: the policy is refused
+    default_version: str | None
+    #: the versions a runtime loads when asked for the model without a version
+    load_versions: list[str]
+    #: the model's policy file; null: none (the latest version is loaded and answers)
+    version_policy: VersionPolicyOut | None
+    #: why the policy file is refused, when it is
+    policy_error: str | None = None
     versions: list[VersionOut]
 
 

@@ -1,5 +1,6 @@
 """The JSON the repository answers about a model: its summary, its file listings, and
-the full description (``GET /models/<name>``, ``GET /models?detail=true``).
+the full description (``GET /models/<name>``, ``GET /models?detail=true``), each with
+the model's version policy (``policy``).
 
 Signatures come from ``model.json`` (Sluice layout; plain ``{name, datatype, shape}``,
 extra keys such as ``method`` dropped) or from ``config.pbtxt`` (Triton layout: one
@@ -17,7 +18,16 @@ from repository.manifests import read_triton_signature, sluice_signature
 
 
 def summary(entry: ModelEntry) -> dict[str, Any]:
-    return {"name": entry.name, "framework": entry.framework, "versions": list(entry.versions), "latest": entry.latest}
+    return {"name": entry.name, "framework": entry.framework, "versions": list(entry.versions), "latest": entry.latest,
+            **policy(entry)}
+
+
+def policy(entry: ModelEntry) -> dict[str, Any]:
+    """The model's version policy as every answer about it carries it: ``default_version``
+    (what an unpinned request gets), ``load_versions`` (what an unpinned load loads),
+    ``version_policy`` (the file's policy, normalised; null: none, the latest answers)
+    and ``policy_error`` (why the file is refused; null when it is not)."""
+    return entry.policy.to_json()
 
 
 def files(entry: ModelEntry, version: str) -> list[dict[str, Any]]:
@@ -52,4 +62,4 @@ def detail(entry: ModelEntry) -> dict[str, Any]:
         versions.append({"version": version, "framework": framework, "inputs": inputs, "outputs": outputs,
                          "files": files(entry, version)})
     return {"name": entry.name, "layout": entry.layout, "framework": entry.framework, "latest": entry.latest,
-            "versions": versions}
+            **policy(entry), "versions": versions}

@@ -123,7 +123,8 @@ class Client:
         )
 
     def load(self, runtime: str, model: str, version: str | None = None) -> dict[str, Any]:
-        """Load a model version (default: the latest) on every instance of ``runtime``."""
+        """Load a model version on every instance of ``runtime`` (no version: every version
+        the model's version policy loads; with no policy, the latest)."""
         body = {"model": model, **({"version": version} if version else {})}
         return self._call("POST", f"/api/v1/runtimes/{runtime}/models", json=body, timeout=None)
 
@@ -136,6 +137,14 @@ class Client:
 
     def model(self, name: str) -> dict[str, Any]:
         return self._call("GET", f"/api/v1/models/{name}")
+
+    def set_version_policy(self, name: str, *, default: str | None = None, load: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Set which version of ``name`` answers requests that name none (``default``) and
+        which versions a runtime loads when asked for the model without a version (``load``:
+        ``{"latest": {"num_versions": N}}``, ``{"all": {}}`` or ``{"specific": {"versions": [...]}}``;
+        default: the latest one). Runtimes apply it at their next load of the model."""
+        body = {k: v for k, v in (("load", load), ("default", default)) if v is not None}
+        return self._call("PUT", f"/api/v1/models/{name}/version-policy", json=body)
 
     def delete_model(self, name: str, version: str | None = None) -> None:
         self._call("DELETE", f"/api/v1/models/{name}", params=_version(version))

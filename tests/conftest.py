@@ -39,7 +39,7 @@ def pg_server():
 
 @pytest.fixture(scope="session")
 def model_store() -> Path:
-    built = [STORE / "iris_classifier", *(TRITON_REPOSITORY / m / "1" / "model.onnx" for m in ("iris_onnx", "mlp", "mlp_scaled", "risk_mlp"))]
+    built = [STORE / "iris_classifier" / "versions.json", *(TRITON_REPOSITORY / m / "1" / "model.onnx" for m in ("iris_onnx", "mlp", "mlp_scaled", "risk_mlp"))]
     if not all(p.exists() for p in built):
         from models.build import build
 

@@ -1,17 +1,22 @@
 """The set of model versions a runtime serves, changed at run time.
 
 ``ModelSet`` maps name -> {version -> Model}. The default version of a name (what a
-request with an empty version gets) is the highest loaded one: numeric versions in
-numeric order, non-numeric ones after them (the repository's own order, where the
-last version is the latest).
+request with an empty version gets) follows the model's version policy
+(``sluice.version_policy``, as the repository answers it with every load): its
+default when that version is loaded, else the highest loaded one (numeric versions
+in numeric order, non-numeric ones after them: the repository's own order). A model
+with no policy: the highest loaded one.
 
-Models come in through ``load(name, version)``: the version's files are fetched from
+Models come in through ``load(name, version)`` (no version: every version the model's
+policy loads, by default only the latest): each version's files are fetched from
 the model repository (``repository.ModelRepository``) and the runtime kind's loader
 builds the ``Model`` off the event loop (a sync loader in a worker thread, an async
 one awaited), then the model joins the set in one step, so requests keep being
 served throughout and the previous default answers until the new version is in.
-Loads of one name are serialised (a lock per name); loading a version that is
-already loaded does nothing. A failed load leaves the set as it was. A load that
+The versions of one unpinned load join together, with the policy's default, once all
+are built. Loads of one name are serialised (a lock per name); loading a version that
+is already loaded does nothing. A failed load leaves the set as it was (a version
+built for it is closed). A load that
 has started runs to its end even if its caller goes away (the gRPC call is
 cancelled): what was built is then either added or, at shutdown, closed.
 
@@ -43,6 +48,7 @@ from dataclasses import dataclass
 from runtimes.sdk.digests import ManagerDigests
 from runtimes.sdk.model import Model, ModelArtifact, ModelLoadError
 from runtimes.sdk.repository import Digests, ModelRepository, check_digests, safe_version
+from sluice.version_policy import ModelPolicy, default_among
 from sluice.versions import version_key
 
 log = logging.getLogger(__name__)
@@ -98,6 +104,8 @@ class ModelSet:
         #: refuse a load that has no recorded digests (instead of a warning)
         self.require_digests = require_digests
         self._slots: dict[str, dict[str, _Slot]] = {}
+        #: name -> the default version its version policy names (absent: no policy, the highest loaded)
+        self._preferred: dict[str, str] = {}
         self._locks: dict[str, list] = {}  # name -> [lock, users]
         self._loads: set[asyncio.Task] = set()
         self._closing: set[asyncio.Task] = set()
@@ -117,8 +125,17 @@ class ModelSet:
         return sorted(self._slots)
 
     def versions(self, name: str) -> list[str]:
-        """The loaded versions of ``name``, lowest first (the last one is the default)."""
+        """The loaded versions of ``name``, lowest first (``default_version`` says which one
+        answers an unpinned request)."""
         return sorted(self._slots.get(name, {}), key=version_key)
+
+    def default_version(self, name: str) -> str:
+        """The version of ``name`` an empty version gets: its policy's default when loaded,
+        else the highest loaded; ``ModelNotFound`` when none is loaded."""
+        version = default_among(self._slots.get(name, {}), self._preferred.get(name))
+        if version is None:
+            raise ModelNotFound(f"no model {name!r} is loaded")
+        return version
 
     def models(self) -> list[Model]:
         """Every loaded model version, by name then version."""
@@ -136,7 +153,7 @@ class ModelSet:
         if not versions:
             raise ModelNotFound(f"no model {name!r} is loaded")
         if not version:
-            return versions[max(versions, key=version_key)]
+            return versions[default_among(versions, self._preferred.get(name))]
         slot = versions.get(version)
         if slot is None:
             raise ModelNotFound(f"model {name!r} has no version {version!r} loaded; loaded: {', '.join(self.versions(name))}")
@@ -175,6 +192,7 @@ class ModelSet:
         slots = [versions.pop(v) for v in removed]
         if not versions:
             del self._slots[name]
+            self._preferred.pop(name, None)
         for slot in slots:
             slot.retired = True
             log.info("unloaded %s version %s%s", name, slot.model.version,
@@ -183,11 +201,14 @@ class ModelSet:
         return removed
 
     async def load(self, name: str, version: str = "", digests: Digests | None = None) -> tuple[Model, bool]:
-        """Fetch ``name`` at ``version`` (default: the repository's latest), check its
-        files, and add it. ``digests``: the ``{path: sha256}`` the manager recorded for
-        that version (needs an explicit ``version``); None: ask the manager.
+        """Fetch ``name`` at ``version``, check its files, and add it; no ``version``: every
+        version the model's version policy loads (the repository's ``load_versions``; with
+        no policy, the latest). ``digests``: the ``{path: sha256}`` the manager recorded
+        for that version (needs an explicit ``version``); None: ask the manager.
 
-        Returns the model and whether it was loaded now (False: it was already loaded).
+        Returns the model (no ``version``: the policy's default) and whether anything
+        was loaded now (False: it was all loaded already). A refused version policy is
+        the repository's refusal of the unpinned model (``ModelLoadError``, its message kept).
         Raises ``repository.ModelNotInRepository``, ``repository.RepositoryUnavailable``,
         ``repository.DigestMismatch`` (a file is not what was recorded: nothing was
         loaded), ``repository.UnsafeArtifact``, ``UnverifiedRefused``, ``ModelLoadFailed``
@@ -224,25 +245,40 @@ class ModelSet:
                 return self.get(name, version), False
             metadata = await self.repository.metadata(name, version)
             resolved = safe_version(str(metadata["version"]))
-            if self.loaded(name, resolved):  # "latest" resolved to a loaded version
-                return self.get(name, resolved), False
-            if digests is None:
-                digests = await self._recorded(name, resolved)
-            artifact = await self.repository.fetch(name, resolved, metadata, digests)
+            policy = ModelPolicy.from_json(metadata)
+            wanted = [resolved] if version else [safe_version(v) for v in policy.unpinned(resolved)]
+            built: list[Model] = []
             try:
-                model = await build(self.loader, artifact)
-            except Exception as exc:
-                reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
-                raise ModelLoadFailed(f"failed to load {name!r} version {artifact.version}: {reason}") from exc
-            if (model.name, model.version) != (name, artifact.version):
-                await model.close()
-                raise ModelLoadFailed(
-                    f"failed to load {name!r} version {artifact.version}: the loader built "
-                    f"{model.name!r} version {model.version!r} instead"
-                )
-            self.add(model)
-            log.info("loaded %s version %s (%s)", model.name, model.version, model.platform)
-            return model, True
+                for want in (v for v in wanted if not self.loaded(name, v)):
+                    meta = metadata if want == resolved else await self.repository.metadata(name, want)
+                    expected = digests if digests is not None else await self._recorded(name, want)
+                    built.append(await self._build(name, await self.repository.fetch(name, want, meta, expected)))
+            except BaseException:
+                await asyncio.gather(*(m.close() for m in built), return_exceptions=True)
+                raise
+            for model in built:  # every version at once, with the policy's default
+                self.add(model)
+            if policy.preferred is None:  # no policy: the highest loaded answers
+                self._preferred.pop(name, None)
+            else:
+                self._preferred[name] = policy.preferred
+            for model in built:
+                log.info("loaded %s version %s (%s)", model.name, model.version, model.platform)
+            return self.get(name, resolved), bool(built)
+
+    async def _build(self, name: str, artifact: ModelArtifact) -> Model:
+        try:
+            model = await build(self.loader, artifact)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+            raise ModelLoadFailed(f"failed to load {name!r} version {artifact.version}: {reason}") from exc
+        if (model.name, model.version) != (name, artifact.version):
+            await model.close()
+            raise ModelLoadFailed(
+                f"failed to load {name!r} version {artifact.version}: the loader built "
+                f"{model.name!r} version {model.version!r} instead"
+            )
+        return model
 
     async def _recorded(self, name: str, version: str) -> Digests | None:
         """The manager's digests of the version; None (checked against the repository's

@@ -147,8 +147,10 @@ def check_digests(digests: Any) -> dict[str, str]:
 
 
 async def model_metadata(client: httpx.AsyncClient, name: str, version: str = "") -> dict[str, Any]:
-    """The repository's metadata of ``name`` at ``version`` (default: latest); its
-    ``version`` key is the version it resolved to."""
+    """The repository's metadata of ``name`` at ``version`` (default: the model's default
+    version, which its version policy names, else the latest); its ``version`` key is the
+    version it resolved to, and ``default_version``, ``load_versions`` and
+    ``version_policy`` carry the model's policy (``runtimes.sdk.models`` loads by them)."""
     _segment(name, "model")
     if version:
         safe_version(version)
@@ -177,7 +179,7 @@ async def fetch_model(
     metadata: dict[str, Any] | None = None,
     expected: Digests | None = None,
 ) -> ModelArtifact:
-    """Download ``name[:version]`` (default: latest) and return its local artifact, every
+    """Download ``name[:version]`` (default: the model's default version) and return its local artifact, every
     file checked. ``metadata``: the version's metadata when the caller already has it.
     ``expected``: the digests the manager recorded for the version (``{path: sha256}``);
     None: check against the repository's own listing (no manager to ask)."""

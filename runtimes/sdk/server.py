@@ -10,8 +10,9 @@ datatype, contents whose length or count does not match the shape, lying BYTES
 lengths, raw and typed contents mixed, an input given twice, and a shape that
 contradicts the model's signature are INVALID_ARGUMENT naming the input.
 
-The models are a ``models.ModelSet``: several versions per name, the highest loaded
-one the default. A request with an empty version gets the default; with a version,
+The models are a ``models.ModelSet``: several versions per name; the default is the
+model's version-policy default when loaded (``sluice.version_policy``), else the
+highest loaded one. A request with an empty version gets the default; with a version,
 exactly that one, or NOT_FOUND naming the versions loaded (ModelReady answers
 ``ready: false`` instead, as Triton does, so ``is_model_ready`` stays a yes/no).
 
@@ -19,7 +20,8 @@ The model-repository extension, exactly as tritonclient's ``load_model`` /
 ``unload_model`` / ``get_model_repository_index`` call it:
 
 * ``RepositoryModelLoad``: the string parameter ``version`` picks the version
-  (default: the repository's latest; not one safe path segment: INVALID_ARGUMENT);
+  (default: every version the model's version policy loads, else the repository's
+  latest; not one safe path segment: INVALID_ARGUMENT);
   the string parameter ``sluice.digests`` (JSON ``{path: sha256}``, what the manager
   recorded when the version was deployed; needs ``version``) is what every file
   must hash to; without it the runtime asks the manager (``models.ModelSet``). The
@@ -333,7 +335,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 await self._not_found(context, exc)
             wanted = {model.name: model.version}
         else:
-            wanted = {name: self.models.versions(name)[-1] for name in self.models.names()}
+            wanted = {name: self.models.default_version(name) for name in self.models.names()}
         calls: dict[str, dict[str, float]] = {name: {} for name in wanted}
         for family in metrics.INFERENCES.collect():
             for sample in family.samples:

@@ -28,7 +28,8 @@ for one operation only, and the reason is below (``_MANAGER_CONFIG``, ``_GATEWAY
   infinity): 422 naming the stage;
 - OIP REST tensors: that ``data`` holds product(``shape``) elements, and that ``inputs``
   are the pipeline's, is beyond JSON Schema: 400 in OIP's shape;
-- a model upload's bytes are an archive only the repository can judge: 400/422.
+- a model upload's bytes are an archive only the repository can judge: 400/422;
+- a version policy may name versions the model does not have: 422 (the repository's check).
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ checks.positive_data_acceptance.expected-statuses = {_POSITIVE + ["422"]}
 # bytes that are not a model archive
 include-name = "POST /api/v1/models/{{name}}"
 checks.positive_data_acceptance.expected-statuses = {_POSITIVE + ["400", "422"]}
+[[operations]]
+# a version policy naming a version the model does not have (the repository's check)
+include-name = "PUT /api/v1/models/{{name}}/version-policy"
+checks.positive_data_acceptance.expected-statuses = {_POSITIVE + ["422"]}
 """
 _GATEWAY_CONFIG = f"""
 [[operations]]

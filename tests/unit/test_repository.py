@@ -70,8 +70,10 @@ def _error(response, status: int, code: str) -> dict:
 
 def test_models_lists_both_layouts(client: TestClient) -> None:
     assert client.get("/models").json() == [
-        {"name": "iris", "framework": "sklearn", "versions": ["2", "10"], "latest": "10"},
-        {"name": "mlp", "framework": "triton", "versions": ["1", "2"], "latest": "2"},
+        {"name": "iris", "framework": "sklearn", "versions": ["2", "10"], "latest": "10",
+         "default_version": "10", "load_versions": ["10"], "version_policy": None, "policy_error": None},  # no policy file: the latest
+        {"name": "mlp", "framework": "triton", "versions": ["1", "2"], "latest": "2",
+         "default_version": "2", "load_versions": ["2"], "version_policy": None, "policy_error": None},
     ]
     assert client.get("/healthz").json() == {"status": "ok", "models": 2}
 

@@ -588,7 +588,8 @@ def test_triton_datatypes_and_unbatched_dims(client: TestClient) -> None:
 
 def test_models_detail(client: TestClient) -> None:
     summary = client.get("/models").json()
-    assert summary[0] == {"name": "iris", "framework": "sklearn", "versions": ["1", "2"], "latest": "2"}
+    assert summary[0] == {"name": "iris", "framework": "sklearn", "versions": ["1", "2"], "latest": "2",
+                          "default_version": "2", "load_versions": ["2"], "version_policy": None, "policy_error": None}
     detail = client.get("/models", params={"detail": "true"}).json()
     assert [m["name"] for m in detail] == ["iris", "mlp"]
     assert detail == [client.get(f"/models/{m}").json() for m in ("iris", "mlp")]

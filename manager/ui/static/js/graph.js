@@ -101,7 +101,7 @@ function ioNode(x, y, height, title, tensors, kind) {
 }
 
 function stageNode(pipeline, stage, index, key, x, y, height) {
-  const version = stage.version ? `v${stage.version}` : "latest loaded";
+  const version = stage.version ? `v${stage.version}` : "default version";
   const where = `${stage.runtime} · ${stage.model} ${version}`;
   const { variants, mirror } = trafficOf(pipeline, index);
   const total = variants.reduce((sum, v) => sum + v.weight, 0);

@@ -85,7 +85,7 @@ export async function render(main, [editing]) {
       const tensors = (list, kind) => (list || []).map((t) => h("span", { class: "tensor mono", dataset: { tensor: t.name, kind } }, `${t.name}: ${t.datatype}[${t.shape.join(",")}]`));
       return h("div", { class: "stage-card", dataset: { stage: i } },
         h("strong", {}, `${i}. ${st.name || `${st.runtime}/${st.model}${st.version ? `:${st.version}` : ""}`}`),
-        h("div", { class: "muted" }, `runtime ${st.runtime ?? "?"} · model ${st.model ?? "?"} · ${st.version ? `version ${st.version}` : "latest loaded"}`),
+        h("div", { class: "muted" }, `runtime ${st.runtime ?? "?"} · model ${st.model ?? "?"} · ${st.version ? `version ${st.version}` : "default version"}`),
         model ? [h("div", {}, "in: ", tensors(model.inputs, "input").flatMap((x, k) => (k ? [", ", x] : [x]))),
           h("div", {}, "out: ", tensors(model.outputs, "output").flatMap((x, k) => (k ? [", ", x] : [x])))]
           : h("div", { class: "muted" }, "no such model on that runtime (yet)"),

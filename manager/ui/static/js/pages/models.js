@@ -9,7 +9,7 @@ function size(bytes) {
 
 function modelCard(m) {
   return h("section", { class: "panel model-card", dataset: { model: m.name } },
-    h("h3", {}, m.name, h("span", { class: "muted" }, `  ${m.framework} · ${m.layout} layout · latest ${m.latest}`)),
+    h("h3", {}, m.name, h("span", { class: "muted" }, `  ${m.framework} · ${m.layout} layout · latest ${m.latest} · default ${m.default_version ?? "refused: " + m.policy_error}`)),
     h("div", { class: "scroll" }, h("table", {},
       h("thead", {}, h("tr", {}, ["version", "framework", "inputs", "outputs", "files", "served by"].map((t) => h("th", {}, t)))),
       h("tbody", {}, m.versions.map((v) => h("tr", { dataset: { version: v.version } },

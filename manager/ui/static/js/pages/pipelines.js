@@ -64,7 +64,7 @@ function subscribe(root, live) {
 async function renderOne(main, name, live) {
   const p = await api(`/api/v1/pipelines/${encodeURIComponent(name)}`);
   const stages = p.stages.map((st, i) => h("tr", {},
-    h("td", { class: "num" }, String(i)), h("td", {}, st.id ? `${st.id}: ${st.name}` : st.name), h("td", {}, st.runtime), h("td", {}, st.model), h("td", {}, st.version || "latest loaded"),
+    h("td", { class: "num" }, String(i)), h("td", {}, st.id ? `${st.id}: ${st.name}` : st.name), h("td", {}, st.runtime), h("td", {}, st.model), h("td", {}, st.version || "default version"),
     h("td", {}, tensorLines(st.inputs)), h("td", {}, tensorLines(st.outputs)), h("td", { class: "num" }, `${st.timeout_ms} ms`)));
   const summary = (q) => `revision ${q.revision} · ${q.transportType} · updated ${new Date(q.updated_at * 1000).toLocaleString()}`;
   const heading = h("span", { class: "muted", id: "pipeline-summary" }, summary(p));
