@@ -4,7 +4,9 @@ HTTP: ``/serve/<p>`` (records, ``gateway.api``) and OIP REST v2 (``gateway.v2``)
 OIP (``gateway.oip``). Both OIP front doors share one ``PipelineModels``. Paths under
 ``/v2`` answer every error, the framework's own (unknown path, wrong method, a
 crash) included, in OIP's ``{"error": "..."}`` shape, and enforce the body limit
-themselves (so that its 413 is in that shape too).
+themselves (so that its 413 is in that shape too). Every front door runs pipelines through
+one executor, which folds concurrent requests to one revision into shared runs
+(``gateway.batching``, ``SLUICE_GATEWAY_BATCH_*``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gateway.api import NDJSON, router
+from gateway.batching import Batcher, BatchSettings
 from gateway.executor import Executor
 from gateway import openapi, v2
 from gateway.oip import PipelineInferenceService
@@ -34,20 +37,27 @@ from sluice.tracing import TracingMiddleware, Tracing, stage_work
 
 
 class PhasedExecutor(Executor):
-    """The executor, marking on the request's span when its stage calls began and ended, so
-    the span carries the gateway's parse and encode times (``sluice.tracing.stage_work``)."""
+    """The executor, folding concurrent requests to one revision into one run
+    (``gateway.batching``; off unless ``batching`` says so), and marking on the request's
+    span when its stage calls began and ended, so the span carries the gateway's parse
+    and encode times (``sluice.tracing.stage_work``)."""
 
-    async def run(self, *args, **kwargs):
+    def __init__(self, *args, batching: BatchSettings = BatchSettings(max_rows=0), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batcher = Batcher(super().run, self.table, batching)
+
+    async def run(self, pipeline, inputs):
         with stage_work():
-            return await super().run(*args, **kwargs)
+            return await self.batcher.run(pipeline, inputs)
 
 
 def create(settings: GatewaySettings, tracing: Tracing | None = None) -> tuple[FastAPI, grpc.aio.Server | None]:
     """Build the gateway; call from inside the running event loop (the channel binds to it)."""
     tracing = tracing or Tracing("gateway", None)
     credentials = WatchCredentials.load(settings.xds_token, settings.xds_token_file, settings.xds_ca_file)
-    table = PipelineTable()
-    executor = PhasedExecutor(table, settings.egress, settings.max_message_bytes, tracing)
+    table = PipelineTable(fuse=settings.fuse_stages)
+    batching = BatchSettings(settings.batch_max_rows, settings.batch_max_bytes, settings.batch_max_runs)
+    executor = PhasedExecutor(table, settings.egress, settings.max_message_bytes, tracing, batching=batching)
     models = PipelineModels(table, executor)
 
     grpc_server = None

@@ -25,6 +25,13 @@ STAGE_SERVED = Counter(
     ["pipeline", "stage", "runtime", "version"],
 )
 
+#: adaptive batching (``gateway.batching``): per folded run, the requests and the rows it ran
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_REQUESTS = Histogram(
+    "sluice_gateway_batch_requests", "Requests folded into one pipeline run", ["pipeline"], buckets=BATCH_BUCKETS
+)
+BATCH_ROWS = Histogram("sluice_gateway_batch_rows", "Rows of one folded pipeline run", ["pipeline"], buckets=BATCH_BUCKETS)
+
 
 # Label lookups cost more than observations; pipelines and stages are few, so cache the children.
 @lru_cache(maxsize=4096)
@@ -40,6 +47,16 @@ def requests(pipeline: str, status: int):
 @lru_cache(maxsize=4096)
 def stage_seconds(pipeline: str, stage: int, model: str):
     return STAGE_SECONDS.labels(pipeline, str(stage), model)
+
+
+@lru_cache(maxsize=4096)
+def batch_requests(pipeline: str):
+    return BATCH_REQUESTS.labels(pipeline)
+
+
+@lru_cache(maxsize=4096)
+def batch_rows(pipeline: str):
+    return BATCH_ROWS.labels(pipeline)
 
 
 @lru_cache(maxsize=4096)

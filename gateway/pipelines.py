@@ -105,6 +105,9 @@ class CompiledPipeline:
     linear: bool = True
     #: a linear pipeline's calls in order: a stage, or a fused run of stages (``sluice.fusion``)
     calls: tuple[CompiledStage | CompiledRun, ...] = ()
+    #: no stage draws a variant, a mirror or a rate-limit token per call (``plain_traffic``):
+    #: concurrent requests may share its calls (``gateway.batching``)
+    plain_traffic: bool = False
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -179,7 +182,17 @@ def compile_pipeline(plan: PipelinePlan, deadline_slack_ms: int, fuse: bool = Tr
             CompiledRun(tuple(stages[run.indexes.start:run.indexes.stop]), metadata, (run.timeout_ms + deadline_slack_ms) / 1000, encoded)
         ]
     return CompiledPipeline(plan.name, plan.revision, tuple(stages), request=plan.request, answer=plan.answer,
-                            order=order, linear=linear, calls=tuple(calls))
+                            order=order, linear=linear, calls=tuple(calls), plain_traffic=plain_traffic(plan))
+
+
+def plain_traffic(plan: PipelinePlan) -> bool:
+    """No stage chooses between variants per call or counts calls: no split, mirror,
+    sticky key or rate limit on a stage, and no rate limit on the pipeline. (Retries,
+    outlier detection and circuit breakers act on a call whoever's rows it holds.)"""
+    return plan.rate_limit is None and all(
+        len(t.variants) < 2 and t.mirror is None and not t.sticky and t.rate_limit is None
+        for t in (s.traffic for s in plan.stages)
+    )
 
 
 def _topological(stages: list[CompiledStage]) -> tuple[CompiledStage, ...]:

@@ -74,6 +74,12 @@ class RequestTraffic:
 _CURRENT: ContextVar[RequestTraffic | None] = ContextVar("sluice_request_traffic", default=None)
 
 
+def current() -> RequestTraffic | None:
+    """The traffic of the request being served here (None outside one): ``gateway.batching``
+    reads its pin and copies a folded run's entries to it."""
+    return _CURRENT.get()
+
+
 def stage_metadata(sticky: str, stage_id: str = "") -> Metadata:
     """What a compiled stage's metadata adds: its ``sticky`` header's name and its id
     (markers for ``forwarded`` and ``record``, never sent)."""

@@ -43,3 +43,14 @@ class GatewaySettings(BaseSettings):
     #: the next is read only once the oldest is answered (``gateway.streaming``), so a fast
     #: sender is slowed by flow control, never queued without bound
     stream_max_in_flight: int = Field(16, ge=1)
+    #: run consecutive plain stages on one runtime as one call (``sluice.fusion``)
+    fuse_stages: bool = True
+    #: adaptive batching (``gateway.batching``): concurrent requests to one pipeline revision
+    #: with inputs of one signature, queued while ``batch_max_runs`` runs of them are in
+    #: flight, run as one run of at most this many rows (0 or 1: off) ...
+    batch_max_rows: int = Field(64, ge=0)
+    #: ... and at most this many bytes of inputs
+    batch_max_bytes: int = Field(1 << 20, ge=0)
+    #: runs of one pipeline revision (and input signature) in flight before a request waits
+    #: to be folded into the next one
+    batch_max_runs: int = Field(2, ge=1)

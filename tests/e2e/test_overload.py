@@ -47,6 +47,9 @@ def mesh(tmp_path_factory, model_store):
             "SLUICE_MANAGER_GATEWAY_MAX_PENDING": "4",
             "SLUICE_MANAGER_RETRY_AFTER_S": "2",
             "SLUICE_GATEWAY_RETRY_AFTER_S": "2",
+            # every request its own stage call: folded runs (gateway.batching) would keep the
+            # stage calls under the runtime's limits that this test means to exceed
+            "SLUICE_GATEWAY_BATCH_MAX_ROWS": "0",
         },
     )
     with mesh:

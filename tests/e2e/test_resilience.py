@@ -62,7 +62,8 @@ def test_churn_under_load_loses_no_request(mesh, manager, iris):
     assert set(load.statuses) == {200} and load.statuses[200] > 50
     mesh_state = manager.get("/api/v1/mesh").json()
     assert mesh_state["nacks"] == 0
-    # only the live revision's routes remain, in the pipeline's route scope; churn's scope is gone
+    # only the live revision's routes remain (each stage's and the fused run's, sluice.fusion),
+    # in the pipeline's route scope; churn's scope is gone
 
     def routes() -> tuple[set[str], set[str]]:
         dump = httpx.get(f"{mesh.admin_url('gateway')}/config_dump?resource=dynamic_scoped_route_configs", timeout=5).json()
@@ -70,7 +71,7 @@ def test_churn_under_load_loses_no_request(mesh, manager, iris):
         names = {r.get("name") for s in scopes for vh in s["route_configuration"]["virtual_hosts"] for r in vh["routes"]}
         return {n for n in names if n and n.startswith("iris.")}, {s["name"] for s in scopes}
 
-    eventually(lambda: routes() == ({"iris.r21.s0", "iris.r21.s1"}, {"egress.iris"}), timeout_s=5)
+    eventually(lambda: routes() == ({"iris.r21.s0", "iris.r21.s1", "iris.r21.s0+2"}, {"egress.iris"}), timeout_s=5)
 
 
 def test_manager_down_keeps_serving_and_restart_keeps_pipelines(mesh, manager, gateway, iris):

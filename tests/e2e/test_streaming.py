@@ -99,7 +99,9 @@ class Stream:
 
 def same_answer(result, unary) -> None:
     assert [v.decode() for v in result.as_numpy("label")] == [v.decode() for v in unary.as_numpy("label")]
-    np.testing.assert_array_equal(result.as_numpy("probabilities"), unary.as_numpy("probabilities"))
+    # equal to the last bits or so: concurrent requests are folded into shared runs (gateway.batching),
+    # and a model's floating-point rounding (BLAS kernels) may differ with the run's number of rows
+    np.testing.assert_allclose(result.as_numpy("probabilities"), unary.as_numpy("probabilities"), rtol=1e-12, atol=1e-15)
 
 
 def grpc_stream_session(address: str, seed: int) -> None:
