@@ -273,11 +273,11 @@ def test_ack_timeout_rolls_the_change_back(mesh):
     assert error["details"]["nodes"] == ["gateway"] and "gateway" in error["message"]
     assert elapsed < ACK_TIMEOUT_S + 5
     assert stored(mesh)["stalled"] == 1
-    eventually(lambda: scoped_routes(mesh).get("egress.stalled") == {"stalled.r1.s0", "stalled.r1.s1"}, timeout_s=10)
+    eventually(lambda: scoped_routes(mesh).get("egress.stalled") == fused_and_stage_routes("stalled", 1), timeout_s=10)
     assert served(mesh, {"stalled"}) == {"stalled": 200}
     again = manager.put("/api/v1/pipelines/stalled", json={"name": "stalled", "chain": IRIS_CHAIN})
     assert again.status_code == 200 and again.json()["revision"] == 2, again.text
-    assert scoped_routes(mesh)["egress.stalled"] == {"stalled.r2.s0", "stalled.r2.s1"}
+    assert scoped_routes(mesh)["egress.stalled"] == fused_and_stage_routes("stalled", 2)
 
 
 def test_a_silent_gateway_rolls_the_change_back(mesh):
@@ -302,7 +302,7 @@ def test_a_silent_gateway_rolls_the_change_back(mesh):
     eventually(lambda: served(mesh, {"unheard"}) == {"unheard": 200}, timeout_s=10)
     again = manager.put("/api/v1/pipelines/unheard", json={"name": "unheard", "chain": IRIS_CHAIN})
     assert again.status_code == 200 and again.json()["revision"] == 2, again.text
-    assert scoped_routes(mesh)["egress.unheard"] == {"unheard.r2.s0", "unheard.r2.s1"}
+    assert scoped_routes(mesh)["egress.unheard"] == fused_and_stage_routes("unheard", 2)
     assert served(mesh, {"unheard"}) == {"unheard": 200}
 
 
@@ -322,7 +322,7 @@ def test_nack_rolls_the_change_back_with_envoys_reason(mesh):
     assert details["node"] == "gateway" and details["type"] == "ScopedRouteConfiguration"
     assert "fault-injected" in details["reason"] and details["reason"] in error["message"]
     assert stored(mesh)[NACKED] == 1
-    eventually(lambda: scoped_routes(mesh).get(f"egress.{NACKED}") == {f"{NACKED}.r1.s0", f"{NACKED}.r1.s1"}, timeout_s=5)
+    eventually(lambda: scoped_routes(mesh).get(f"egress.{NACKED}") == fused_and_stage_routes(NACKED, 1), timeout_s=5)
     assert load.failures() == [] and len(load.answers) > 0
     assert served(mesh, {NACKED}) == {NACKED: 200}
 
