@@ -27,24 +27,32 @@ class BodyLimitMiddleware:
         self.overrides = [(re.compile(pattern), limit) for pattern, limit in (overrides or {}).items()]
         self.streamed = {t.lower().encode() for t in streamed}
 
-    def _is_streamed(self, headers) -> bool:
-        if not self.streamed:
-            return False
-        for key, value in headers:
-            if key == b"content-type":
-                return value.split(b";", 1)[0].strip().lower() in self.streamed
-        return False
-
     def _limit(self, path: str) -> int:
-        return next((limit for pattern, limit in self.overrides if pattern.match(path)), self.max_bytes)
+        for pattern, limit in self.overrides:
+            if pattern.match(path):
+                return limit
+        return self.max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or self._is_streamed(scope.get("headers", ())):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        content_type = None
+        lengths = []
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length":
+                lengths.append(value)
+            elif key == b"content-type" and content_type is None:
+                content_type = value
+        if content_type is not None and self.streamed and content_type.split(b";", 1)[0].strip().lower() in self.streamed:
             return await self.app(scope, receive, send)
         limit = self._limit(scope.get("path", ""))
-        for key, value in scope.get("headers", ()):
-            if key == b"content-length" and value.isdigit() and int(value) > limit:
+        for value in lengths:
+            if value.isdigit() and int(value) > limit:
                 return await self._refuse(send, limit)
+        if len(lengths) == 1 and lengths[0].isdigit():
+            # the HTTP server reads exactly Content-Length bytes of body (no more can reach
+            # the app), and that is within the limit: nothing to count
+            return await self.app(scope, receive, send)
         seen = 0
         started = False
 

@@ -14,6 +14,7 @@ Nothing here knows about pipelines or models; it only converts.
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from collections.abc import Mapping, Sequence
@@ -360,9 +361,11 @@ def _column_array(column: list[Any], spec: TensorSpec) -> np.ndarray:
         arr = np.asarray(column, dtype=dtype)
     except (TypeError, ValueError, OverflowError):
         raise TensorError(f"field {spec.name!r} must hold {spec.datatype} values") from None
-    if _has_text(column):
+    if _leaf_types(column) <= _PLAIN_TYPES.get(dtype.kind, _NUMBERS):
+        pass  # the common case, checked at C speed: every value (of a scalar or one-list column) is plain
+    elif _has_text(column):
         raise TensorError(f"field {spec.name!r} must hold {spec.datatype} values, got strings")
-    if not _leaves_are(column, _JSON_KIND.get(dtype.kind, _is_number)):
+    elif not _leaves_are(column, _JSON_KIND.get(dtype.kind, _is_number)):
         # NumPy would read true as 1.0, null as NaN and 0 as False: refused, not guessed
         raise TensorError(f"field {spec.name!r} must hold {spec.datatype} values" + {"b": ", got a non-boolean", "f": ", got null or a boolean"}.get(dtype.kind, ", got null, a boolean or a fraction"))
     expected_rank = max(len(spec.shape), 1)
@@ -385,6 +388,20 @@ def _is_integer(value: Any) -> bool:
 
 #: what a JSON value must be for a tensor of each NumPy kind (others: any number)
 _JSON_KIND = {"b": lambda v: isinstance(v, bool), "i": _is_integer, "u": _is_integer}
+
+
+_NUMBERS = frozenset({int, float})
+#: value types that always pass a NumPy kind's checks below (``bool`` is not an ``int`` here)
+_PLAIN_TYPES = {"b": frozenset({bool}), "i": frozenset({int}), "u": frozenset({int})}
+
+
+def _leaf_types(column: list[Any]) -> set[type] | frozenset[type]:
+    """The exact types of a column's values, for a column of scalars or of flat lists; a
+    set holding ``list`` when nested deeper (the slow checks then decide)."""
+    types = set(map(type, column))
+    if list in types and len(types) == 1:
+        types = set(map(type, itertools.chain.from_iterable(column)))
+    return types
 
 
 def _leaves_are(values: list[Any], test) -> bool:

@@ -193,16 +193,25 @@ class _Once(logging.Filter):
 
 class TracingMiddleware:
     """ASGI middleware: one SERVER span per HTTP request, continuing the caller's B3
-    context (the sidecar's span), and the trace id in the ``x-trace-id`` response header."""
+    context (the sidecar's span), and the trace id in the ``x-trace-id`` response header.
+
+    With tracing off it is not in the chain at all: constructing it returns the app it
+    wraps, so a request pays nothing for it (Starlette builds its middleware stack by
+    calling ``TracingMiddleware(app, tracing=...)``)."""
 
     _UNTRACED = ("/metrics", "/healthz", "/healthz/ready")
+
+    def __new__(cls, app, tracing: Tracing):
+        if not tracing.enabled:
+            return app
+        return super().__new__(cls)
 
     def __init__(self, app, tracing: Tracing):
         self.app = app
         self.tracing = tracing
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.tracing.enabled or scope["path"] in self._UNTRACED:
+        if scope["type"] != "http" or scope["path"] in self._UNTRACED:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         with self.tracing.server_span(f"{scope['method']} {scope['path']}", headers) as span:
