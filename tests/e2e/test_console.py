@@ -445,10 +445,12 @@ def test_traces_page_links_each_request_to_zipkin(mesh, console, tokens, artifac
     assert serve(mesh, "iris", tokens["serve:*"], [RECORD]).status_code == 200
     page = console.page
     show(page, "traces/iris")
-    # a whole trace (both stages' spans: Envoy flushes its spans every 5 s, the page refreshes every 5 s)
+    # a whole trace (both stages' spans, which run fused in one call, sluice.fusion: Envoy
+    # flushes its spans every 5 s, the page refreshes every 5 s)
     handle = page.wait_for_function("""() => {
         for (const row of document.querySelectorAll('#traces-table tr.trace')) {
-            if (row.nextElementSibling.textContent.includes('stage 1 iris_classifier')) return row.dataset.trace;
+            const text = row.nextElementSibling.textContent;
+            if (text.includes('infer iris_classifier') && text.includes('stages 0+1')) return row.dataset.trace;
         }
         return null;
     }""", timeout=40_000)
@@ -463,8 +465,10 @@ def test_traces_page_links_each_request_to_zipkin(mesh, console, tokens, artifac
     waterfall = page.wait_for_selector(f'tr.trace[data-trace="{trace_id}"] + tr .waterfall')
     assert waterfall.is_visible()
     labels = [label.text_content() for label in waterfall.query_selector_all(".label")]
-    assert any("stage 0 iris_scaler" in label for label in labels) and any("stage 1 iris_classifier" in label for label in labels)
-    assert len(waterfall.query_selector_all(".bar")) == len(labels) >= 6  # gateway, its sidecar, and each stage's hops
+    assert any("stages 0+1 iris_scaler+iris_classifier" in label for label in labels)  # the gateway's one call
+    assert any("infer iris_scaler" in label for label in labels) and any("infer iris_classifier" in label for label in labels)
+    # the front Envoy, the gateway, its call, egress, the runtime's sidecar, its call and each stage's span
+    assert len(waterfall.query_selector_all(".bar")) == len(labels) >= 8
     page.screenshot(path=artifacts / "traces.png", full_page=True)
 
 

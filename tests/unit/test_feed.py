@@ -168,10 +168,10 @@ def test_a_delta_that_fails_to_compile_changes_nothing(monkeypatch) -> None:
     before = dict(table.pipelines)
     real = gateway_pipelines.compile_pipeline
 
-    def compile_or_fail(p, slack):
+    def compile_or_fail(p, *args):
         if p.name == "bad":
             raise ValueError("bad plan")
-        return real(p, slack)
+        return real(p, *args)
 
     monkeypatch.setattr(gateway_pipelines, "compile_pipeline", compile_or_fail)
     with pytest.raises(ValueError):
