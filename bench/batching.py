@@ -17,26 +17,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-import grpc
 import httpx
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 from sklearn.datasets import load_breast_cancer
-from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.mesh_latency import measure  # noqa: E402
-from bench.three_stage import PIPELINE, STAGES, train  # noqa: E402
+from bench.three_stage import PIPELINE, STAGES, gateway_calls, train  # noqa: E402
 from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
 from sluice.local.procs import free_port  # noqa: E402
 from sluice.serving import install_uvloop  # noqa: E402
@@ -46,25 +42,7 @@ MODES = {"off": {"SLUICE_GATEWAY_BATCH_MAX_ROWS": "0"}, "on": {}}
 
 
 def _calls(mesh: LocalMesh, row: np.ndarray):
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{mesh.ports.gateway}")
-    stub = pb_grpc.GRPCInferenceServiceStub(channel)
-    request = pb.ModelInferRequest(model_name=PIPELINE)
-    request.inputs.add(name="features", datatype="FP64", shape=[1, 30])
-    request.raw_input_contents.append(row.astype("<f8").tobytes())
-    http = httpx.AsyncClient(base_url=mesh.gateway_url, timeout=30, limits=httpx.Limits(max_keepalive_connections=64))
-    body = json.dumps([{"features": row[0].tolist()}]).encode()
-
-    async def grpc_call():
-        return await stub.ModelInfer(request)
-
-    async def http_call():
-        response = await http.post(f"/serve/{PIPELINE}", content=body, headers={"content-type": "application/json"})
-        assert response.status_code == 200, response.text
-
-    async def close():
-        await http.aclose()
-        await channel.close()
-
+    grpc_call, http_call, close = gateway_calls(mesh, row)
     return {"Sluice gRPC": grpc_call, "Sluice HTTP": http_call}, close
 
 

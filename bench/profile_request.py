@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import re
 import subprocess
@@ -52,19 +51,16 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import httpx
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 from sklearn.datasets import load_breast_cancer
-from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.three_stage import PIPELINE, STAGES, train  # noqa: E402
+from bench.three_stage import PIPELINE, STAGES, gateway_calls, train  # noqa: E402
 from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
 from sluice.local.procs import free_port  # noqa: E402
 from sluice.serving import install_uvloop  # noqa: E402
@@ -332,22 +328,7 @@ async def run(args: argparse.Namespace) -> None:
                        timeout=10).raise_for_status()
             pids = {name: mesh.procs[key].pid for name, key in PROCESSES.items()}
             pids[CLIENT] = os.getpid()  # the load itself (httpx / grpc.aio clients), for comparison
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{mesh.ports.gateway}")
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            request = pb.ModelInferRequest(model_name=PIPELINE)
-            request.inputs.add(name="features", datatype="FP64", shape=[1, 30])
-            request.raw_input_contents.append(row.astype("<f8").tobytes())
-            http = httpx.AsyncClient(base_url=mesh.gateway_url, timeout=30, limits=httpx.Limits(max_keepalive_connections=64))
-            body = json.dumps([{"features": row[0].tolist()}]).encode()
-
-            async def via_grpc():
-                await stub.ModelInfer(request)
-
-            async def via_http():
-                response = await http.post(f"/serve/{PIPELINE}", content=body, headers={"content-type": "application/json"})
-                if response.status_code != 200:
-                    raise RuntimeError(response.text)
-
+            via_grpc, via_http, close = gateway_calls(mesh, row)
             calls = {"grpc": ("OIP gRPC", via_grpc), "http": ("HTTP /serve", via_http)}
             spy = PY_SPY.exists() and not args.no_spy
             keep = Path(args.keep) if args.keep else None
@@ -362,8 +343,7 @@ async def run(args: argparse.Namespace) -> None:
                     cell = await measure(label, call, clients, args.seconds, pids, args.rate, keep or work, spy)
                     report(console, cell, args.top)
                     cells.append(cell)
-            await http.aclose()
-            await channel.close()
+            await close()
     summary(console, cells)
 
 

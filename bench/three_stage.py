@@ -123,6 +123,34 @@ def chained(stub, output_names: dict[str, str], row: np.ndarray):
     return call
 
 
+def gateway_calls(mesh: LocalMesh, row: np.ndarray, pipeline: str = PIPELINE):
+    """One OIP ModelInfer of ``row`` to the gateway (through its sidecar) and one ``POST
+    /serve`` of it as a JSON record, each a coroutine function answering the gateway's
+    answer (a non-200 is an error); and ``close`` for their channel and client."""
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{mesh.ports.gateway}")
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    request = pb.ModelInferRequest(model_name=pipeline)
+    request.inputs.add(name="features", datatype="FP64", shape=[1, row.size])
+    request.raw_input_contents.append(row.astype("<f8").tobytes())
+    http = httpx.AsyncClient(base_url=mesh.gateway_url, timeout=30, limits=httpx.Limits(max_keepalive_connections=64))
+    body = json.dumps([{"features": row[0].tolist()}]).encode()
+
+    async def grpc_call():
+        return await stub.ModelInfer(request)
+
+    async def http_call():
+        response = await http.post(f"/serve/{pipeline}", content=body, headers={"content-type": "application/json"})
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code}: {response.text}")
+        return response
+
+    async def close():
+        await http.aclose()
+        await channel.close()
+
+    return grpc_call, http_call, close
+
+
 def mlserver_binary() -> Path:
     from tests.integration.test_mlserver_stage import mlserver_binary as make
 
@@ -165,40 +193,27 @@ async def run(requests: int, replicas: int = 1, env: dict[str, str] | None = Non
             channels = {
                 "runtime direct": grpc.aio.insecure_channel(f"127.0.0.1:{mesh.runtime('scikit').local_port}"),
                 "MLServer chain": grpc.aio.insecure_channel(f"127.0.0.1:{mlserver_grpc}"),
-                "Sluice gRPC": grpc.aio.insecure_channel(f"127.0.0.1:{mesh.ports.gateway}"),
+                "Sluice gRPC apart": grpc.aio.insecure_channel(f"127.0.0.1:{mesh.ports.gateway}"),
             }
             direct = chained(pb_grpc.GRPCInferenceServiceStub(channels["runtime direct"]), {}, row)
             mlserver = chained(pb_grpc.GRPCInferenceServiceStub(channels["MLServer chain"]), MLSERVER_OUTPUT, row)
-            gateway = pb_grpc.GRPCInferenceServiceStub(channels["Sluice gRPC"])
+            sluice_grpc, sluice_http, close_gateway = gateway_calls(mesh, row)
+            gateway = pb_grpc.GRPCInferenceServiceStub(channels["Sluice gRPC apart"])
             runtime = pb_grpc.GRPCInferenceServiceStub(channels["runtime direct"])
-            pipeline_request = pb.ModelInferRequest(model_name=PIPELINE)
-            pipeline_request.inputs.add(name="features", datatype="FP64", shape=[1, 30])
-            pipeline_request.raw_input_contents.append(row.astype("<f8").tobytes())
-            apart_request = pb.ModelInferRequest()
-            apart_request.CopyFrom(pipeline_request)
-            apart_request.model_name = f"{PIPELINE}-apart"
-            fused_request = pb.ModelInferRequest(model_name=STAGES[0][0])
-            fused_request.CopyFrom(pipeline_request)
+            apart_request = pb.ModelInferRequest(model_name=f"{PIPELINE}-apart")
+            apart_request.inputs.add(name="features", datatype="FP64", shape=[1, 30])
+            apart_request.raw_input_contents.append(row.astype("<f8").tobytes())
+            fused_request = pb.ModelInferRequest()
+            fused_request.CopyFrom(apart_request)
             fused_request.model_name = STAGES[0][0]
             # what the gateway sends: the first model, then each later one on the output before
             fused_request.parameters[FUSED_PARAMETER].string_param = encode_steps(tuple(
                 FusedStep(i, name, "", ((given, given),)) for i, (name, given, *_) in enumerate(STAGES) if i))
-            http = httpx.AsyncClient(base_url=mesh.gateway_url, timeout=30, limits=httpx.Limits(max_keepalive_connections=64))
-            body = json.dumps([{"features": row[0].tolist()}]).encode()
-
-            async def sluice_grpc():
-                return await gateway.ModelInfer(pipeline_request)
-
             async def sluice_grpc_apart():
                 return await gateway.ModelInfer(apart_request)
 
             async def direct_fused():
                 return await runtime.ModelInfer(fused_request)
-
-            async def sluice_http():
-                response = await http.post(f"/serve/{PIPELINE}", content=body, headers={"content-type": "application/json"})
-                assert response.status_code == 200, response.text
-                return response
 
             # every way answers the same probabilities before anything is timed
             answer = await sluice_grpc()
@@ -215,7 +230,7 @@ async def run(requests: int, replicas: int = 1, env: dict[str, str] | None = Non
             for clients in CLIENTS:
                 for way in WAYS:
                     results[(way, clients)] = await measure(calls[way], clients, requests)
-            await http.aclose()
+            await close_gateway()
             for channel in channels.values():
                 await channel.close()
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import joblib
 import numpy as np
+
+from tests.e2e.slow_model import write_echo_shaped
 
 
 class PickyDouble:
@@ -29,14 +30,4 @@ class PickyDouble:
 
 def write_picky_double(root: Path, name: str = "picky_double", delay_s: float = 0.05) -> Path:
     """Write model ``name`` version 1 (input ``x``, output ``y``, FP64 ``[-1]``) under ``root``."""
-    from models.manifest import tensor, version_dir, write_manifest
-
-    path = version_dir(root, name)
-    joblib.dump(PickyDouble(delay_s), path / "model.joblib")
-    write_manifest(
-        path, "sklearn",
-        [tensor("x", "FP64", [-1])],
-        [tensor("y", "FP64", [-1], method="predict")],
-        artifact="model.joblib",
-    )
-    return path
+    return write_echo_shaped(root, name, PickyDouble(delay_s))

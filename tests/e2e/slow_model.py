@@ -25,10 +25,16 @@ class SlowEcho:
 
 def write_slow_echo(root: Path, name: str = "slow_echo", delay_s: float = 0.05) -> Path:
     """Write model ``name`` version 1 (input ``x``, output ``y``, FP64 ``[-1]``) under ``root``."""
+    return write_echo_shaped(root, name, SlowEcho(delay_s))
+
+
+def write_echo_shaped(root: Path, name: str, estimator) -> Path:
+    """Write ``estimator`` (its ``predict``) as model ``name`` version 1 (input ``x``,
+    output ``y``, FP64 ``[-1]``) under ``root``."""
     from models.manifest import tensor, version_dir, write_manifest
 
     path = version_dir(root, name)
-    joblib.dump(SlowEcho(delay_s), path / "model.joblib")
+    joblib.dump(estimator, path / "model.joblib")
     write_manifest(
         path, "sklearn",
         [tensor("x", "FP64", [-1])],
