@@ -134,9 +134,9 @@ class CompiledPipeline:
 def compile_pipeline(plan: PipelinePlan, deadline_slack_ms: int, fuse: bool = True) -> CompiledPipeline:
     """``fuse``: run the plan's fused runs (``sluice.fusion``) as one call each."""
     named = plan.graph  # a chain's stages are known by their index (STAGE_HEADER)
+    plan = plan.graph_form()  # the same stages, routes and runs (sluice.fusion)
     runs = fusion.fused_runs(plan) if fuse else ()
     steps = [fusion.encode_steps(fusion.steps(plan, run)) for run in runs]
-    plan = plan.graph_form()
     stages = []
     for index, s in enumerate(plan.stages):
         by_input = {b.input: b for b in s.bindings}

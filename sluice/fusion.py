@@ -70,10 +70,13 @@ def run_route(first: StagePlan, length: int) -> str:
 
 
 def fused_runs(plan: PipelinePlan) -> tuple[FusedRun, ...]:
-    """The plan's fused runs (see the module's docstring), in stage order."""
+    """The plan's fused runs (see the module's docstring), in stage order; the same for
+    a chain plan and its ``graph_form()``."""
+    if len(plan.stages) < 2:
+        return ()
     graph = plan.graph_form()
     stages = graph.stages
-    if len(stages) < 2 or not _linear(graph):
+    if not _linear(graph):
         return ()
     read_by_others = _read_outside_next(graph)
     runs: list[FusedRun] = []
@@ -83,7 +86,7 @@ def fused_runs(plan: PipelinePlan) -> tuple[FusedRun, ...]:
             continue
         if i - start >= 2:
             members = stages[start:i]
-            runs.append(FusedRun(start, i - 1, run_route(plan.stages[start], i - start), sum(s.timeout_ms for s in members)))
+            runs.append(FusedRun(start, i - 1, run_route(members[0], i - start), sum(s.timeout_ms for s in members)))
         start = i
     return tuple(runs)
 
