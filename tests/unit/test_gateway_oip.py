@@ -32,6 +32,7 @@ from sluice.plan import Binding, PipelinePlan, StagePlan
 from sluice.plan_proto import to_proto
 from sluice.tensors import TensorError, TensorSpec, decode_bytes, encode_bytes
 from sluice.v1 import pipeline_pb2
+from tests.gateway_oip_server import oip_stub
 
 
 def plan(name: str = "p", revision: int = 1) -> PipelinePlan:
@@ -479,19 +480,8 @@ GRPC_CASES = [
 
 @pytest.fixture
 async def grpc_stub(app):
-    from gateway.oip import PipelineInferenceService
-    from tritonclient.grpc import service_pb2_grpc as pb_grpc
-
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 1 << 24)])
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        PipelineInferenceService(app.state.table, app.state.executor, app.state.oip), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield pb_grpc.GRPCInferenceServiceStub(channel)
-    finally:
-        await server.stop(None)
+    async with oip_stub(app, options=[("grpc.max_receive_message_length", 1 << 24)]) as stub:
+        yield stub
 
 
 @pytest.mark.parametrize("make, problem", [c[1:] for c in GRPC_CASES], ids=[c[0] for c in GRPC_CASES])

@@ -25,17 +25,16 @@ import numpy as np
 import orjson
 import pytest
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gateway import served_by
 from gateway.app import create
-from gateway.oip import PipelineInferenceService
 from gateway.settings import GatewaySettings
 from sluice.plan import PipelinePlan, StagePlan
 from sluice.plan_proto import to_proto
 from sluice.tensors import TensorSpec
 from sluice.traffic import SERVED_BY_HEADER, SERVED_RUNTIME_HEADER, VARIANT_HEADER, StageTraffic
 from sluice.v1 import pipeline_pb2
+from tests.gateway_oip_server import oip_stub
 
 STICKY = "x-user"
 
@@ -92,16 +91,8 @@ async def app(tmp_path):
 
 @pytest.fixture
 async def stub(app):
-    server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        PipelineInferenceService(app.state.table, app.state.executor, app.state.oip, 4), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield pb_grpc.GRPCInferenceServiceStub(channel)
-    finally:
-        await server.stop(None)
+    async with oip_stub(app, 4) as stub:
+        yield stub
 
 
 def infer_request(x: float, model: str = "p") -> pb.ModelInferRequest:

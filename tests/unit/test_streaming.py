@@ -15,17 +15,16 @@ import numpy as np
 import orjson
 import pytest
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gateway.app import create
 from gateway.executor import StageFailed
-from gateway.oip import PipelineInferenceService
 from gateway.settings import GatewaySettings
 from gateway.streaming import Line, LineTooLong, ndjson_lines, ordered
 from sluice.plan import PipelinePlan, StagePlan
 from sluice.plan_proto import to_proto
 from sluice.tensors import TensorSpec
 from sluice.v1 import pipeline_pb2
+from tests.gateway_oip_server import oip_stub
 
 WINDOW = 4
 
@@ -322,16 +321,8 @@ async def test_ndjson_body_may_exceed_the_body_limit_but_a_json_body_may_not(app
 
 @pytest.fixture
 async def stub(app):
-    server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-        PipelineInferenceService(app.state.table, app.state.executor, app.state.oip, WINDOW), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield pb_grpc.GRPCInferenceServiceStub(channel)
-    finally:
-        await server.stop(None)
+    async with oip_stub(app, WINDOW) as stub:
+        yield stub
 
 
 def infer_request(x: float, model: str = "p", request_id: str = "") -> pb.ModelInferRequest:
