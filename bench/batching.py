@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.mesh_latency import measure  # noqa: E402
-from bench.three_stage import PIPELINE, STAGES, gateway_calls, train  # noqa: E402
-from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
+from bench.three_stage import PIPELINE, define_pipeline, gateway_calls, sluice_mesh, train  # noqa: E402
+from sluice.local.mesh import LocalMesh  # noqa: E402
 from sluice.local.procs import free_port  # noqa: E402
 from sluice.serving import install_uvloop  # noqa: E402
 
@@ -63,16 +63,14 @@ async def run(requests: int, rounds: int, on_env: dict[str, str]) -> None:
         work = Path(workdir)
         train(work / "store", work / "mlserver", free_port())
         meshes = {
-            mode: LocalMesh(work / f"mesh-{mode}", [RuntimeSpec("scikit", "scikit", tuple(s[0] for s in STAGES))], MeshPorts.ephemeral(),
-                            env={"SLUICE_REPOSITORY_ROOTS": str(work / "store"), **env, **(on_env if mode == "on" else {})})
+            mode: sluice_mesh(work, f"mesh-{mode}", {**env, **(on_env if mode == "on" else {})})
             for mode, env in MODES.items()
         }
         results: dict[tuple[str, str, int], list[tuple[float, float, float]]] = {}
         with meshes["off"], meshes["on"]:
             calls, closers = {}, []
             for mode, mesh in meshes.items():
-                httpx.post(f"{mesh.manager_url}/api/v1/pipelines", json={"name": PIPELINE, "chain": [f"scikit/{s[0]}" for s in STAGES]},
-                           timeout=10).raise_for_status()
+                define_pipeline(mesh)
                 calls[mode], close = _calls(mesh, row)
                 closers.append(close)
             for clients in CLIENTS:

@@ -51,7 +51,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 from rich.console import Console
 from rich.table import Table
@@ -60,8 +59,7 @@ from sklearn.datasets import load_breast_cancer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.three_stage import PIPELINE, STAGES, gateway_calls, train  # noqa: E402
-from sluice.local.mesh import LocalMesh, MeshPorts, RuntimeSpec  # noqa: E402
+from bench.three_stage import define_pipeline, gateway_calls, sluice_mesh, train  # noqa: E402
 from sluice.local.procs import free_port  # noqa: E402
 from sluice.serving import install_uvloop  # noqa: E402
 
@@ -321,11 +319,9 @@ async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         work = Path(workdir)
         train(work / "store", work / "mlserver", free_port())
-        mesh = LocalMesh(work / "mesh", [RuntimeSpec("scikit", "scikit", tuple(s[0] for s in STAGES))], MeshPorts.ephemeral(),
-                         env={"SLUICE_REPOSITORY_ROOTS": str(work / "store")})
+        mesh = sluice_mesh(work)
         with mesh:
-            httpx.post(f"{mesh.manager_url}/api/v1/pipelines", json={"name": PIPELINE, "chain": [f"scikit/{s[0]}" for s in STAGES]},
-                       timeout=10).raise_for_status()
+            define_pipeline(mesh)
             pids = {name: mesh.procs[key].pid for name, key in PROCESSES.items()}
             pids[CLIENT] = os.getpid()  # the load itself (httpx / grpc.aio clients), for comparison
             via_grpc, via_http, close = gateway_calls(mesh, row)

@@ -123,6 +123,19 @@ def chained(stub, output_names: dict[str, str], row: np.ndarray):
     return call
 
 
+def sluice_mesh(work: Path, folder: str = "mesh", env: dict[str, str] | None = None, replicas: int = 1) -> LocalMesh:
+    """This benchmark's mesh (not started): one scikit runtime serving the three models
+    ``train`` wrote to ``work / "store"``."""
+    return LocalMesh(work / folder, [RuntimeSpec("scikit", "scikit", tuple(s[0] for s in STAGES))], MeshPorts.ephemeral(),
+                     env={"SLUICE_REPOSITORY_ROOTS": str(work / "store"), **(env or {})}, replicas=replicas)
+
+
+def define_pipeline(mesh: LocalMesh) -> None:
+    """Define ``PIPELINE``: the three stages as a chain."""
+    httpx.post(f"{mesh.manager_url}/api/v1/pipelines", json={"name": PIPELINE, "chain": [f"scikit/{s[0]}" for s in STAGES]},
+               timeout=10).raise_for_status()
+
+
 def gateway_calls(mesh: LocalMesh, row: np.ndarray, pipeline: str = PIPELINE):
     """One OIP ModelInfer of ``row`` to the gateway (through its sidecar) and one ``POST
     /serve`` of it as a JSON record, each a coroutine function answering the gateway's
@@ -167,8 +180,7 @@ async def run(requests: int, replicas: int = 1, env: dict[str, str] | None = Non
         mlserver_grpc = free_port()
         scaler, pca, classifier = train(work / "store", work / "mlserver", mlserver_grpc)
         expected = classifier.predict_proba(pca.transform(scaler.transform(row)))
-        mesh = LocalMesh(work / "mesh", [RuntimeSpec("scikit", "scikit", tuple(s[0] for s in STAGES))], MeshPorts.ephemeral(),
-                         env={"SLUICE_REPOSITORY_ROOTS": str(work / "store"), **(env or {})}, replicas=replicas)
+        mesh = sluice_mesh(work, env=env, replicas=replicas)
         with mesh:
             proc = mesh.supervisor.start("mlserver", [str(mlserver_binary()), "start", str(work / "mlserver")], cwd=work / "mlserver")
 
@@ -182,8 +194,7 @@ async def run(requests: int, replicas: int = 1, env: dict[str, str] | None = Non
                     client.close()
 
             wait_until(mlserver_ready, 120, "MLServer to load the three models", proc)
-            created = httpx.post(f"{mesh.manager_url}/api/v1/pipelines", json={"name": PIPELINE, "chain": [f"scikit/{s[0]}" for s in STAGES]}, timeout=10)
-            created.raise_for_status()
+            define_pipeline(mesh)
             apart = [{"runtime": "scikit", "model": s[0], "retries": APART_RETRIES} for s in STAGES]
             httpx.post(f"{mesh.manager_url}/api/v1/pipelines", json={"name": f"{PIPELINE}-apart", "stages": apart}, timeout=10).raise_for_status()
 
