@@ -66,6 +66,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -484,7 +485,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             steps = decode_steps(param.string_param)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"runtime {self.name!r}: {exc}")
-        stages = [_header(context, STAGE_HEADER), *(str(s.stage) for s in steps)]
+        def stage(index: int) -> str:  # the stage of model ``index``, for errors and spans
+            return _header(context, STAGE_HEADER) if index == 0 else str(steps[index - 1].stage)
+
         with contextlib.ExitStack() as using:
             models = []
             for index, (name, version) in enumerate(((request.model_name, _routed_version(context) or request.model_version),
@@ -492,13 +495,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 try:
                     models.append(using.enter_context(self.models.use(name, version)))
                 except ModelNotFound as exc:
-                    context.set_trailing_metadata(((FAILED_STAGE_HEADER, stages[index]),))
+                    context.set_trailing_metadata(((FAILED_STAGE_HEADER, stage(index)),))
                     await self._not_found(context, exc)
             try:
                 inputs = request_inputs(request, self.max_tensor_elements)
                 _check_inputs(models[0], inputs)
             except TensorError as exc:
-                context.set_trailing_metadata(((FAILED_STAGE_HEADER, stages[0]),))
+                context.set_trailing_metadata(((FAILED_STAGE_HEADER, stage(0)),))
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{models[0].name}: {exc}")
             links = [s.inputs for s in steps]
             try:
@@ -508,21 +511,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     timings, queued = [], 0.0
                     outputs = await _chain(models, links, inputs, lambda model, seconds: None, timings)
             except StepFailed as failed:
-                await self._step_failed(context, models[failed.index], stages[failed.index], failed.error)
-            self._trace_steps(models, stages, timings, queued)
+                context.set_trailing_metadata(((FAILED_STAGE_HEADER, stage(failed.index)),))
+                await self._model_failed(context, models[failed.index], failed.error)
+            self._trace_steps(models, stage, timings, queued)
             for model, (began, ended) in zip(models[1:], timings[1:]):  # the call itself counts the first
                 metrics.inferences(model.name, "OK").inc()
                 metrics.inference_seconds(model.name).observe((ended - began) / 1e9)
-            last = models[-1]
-            if request.outputs:
-                wanted = {o.name for o in request.outputs}
-                outputs = {k: v for k, v in outputs.items() if k in wanted}
-            response = pb.ModelInferResponse(model_name=request.model_name, model_version=last.version, id=request.id)
+            response = _answer(request, outputs, models[-1])
             response.parameters[VERSIONS_PARAMETER].string_param = ",".join(m.version for m in models)
-            return fill_response(response, outputs, last.output_specs)
+            return response
 
-    async def _step_failed(self, context, model: Model, stage: str, exc: Exception) -> None:
-        context.set_trailing_metadata(((FAILED_STAGE_HEADER, stage),))
+    async def _model_failed(self, context, model: Model, exc: Exception) -> None:
+        """Abort the call for ``model``'s failure: bad input INVALID_ARGUMENT, a full queue
+        RESOURCE_EXHAUSTED, anything else (logged) INTERNAL with the model's message."""
         if isinstance(exc, TensorError):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{model.name}: {exc}")
         if isinstance(exc, Overloaded):
@@ -530,17 +531,17 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         log.error("model %s failed", model.name, exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"{model.name}: {type(exc).__name__}: {exc}")
 
-    def _trace_steps(self, models: list[Model], stages: list[str], timings: list, queued: float) -> None:
+    def _trace_steps(self, models: list[Model], stage: Callable[[int], str], timings: list, queued: float) -> None:
         """One span per fused stage under the call's span, at the times its model computed;
         the call's span carries the time the chain waited for a thread."""
         span = trace.get_current_span()
         if not span.is_recording():
             return
         tag_model_time(queued, 0.0)  # the model time is on the stages' spans, each its own
-        for model, stage, (began, ended) in zip(models, stages, timings):
+        for index, (model, (began, ended)) in enumerate(zip(models, timings)):
             child = self.tracing.tracer.start_span(
                 f"infer {model.name}", start_time=began, kind=trace.SpanKind.INTERNAL,
-                attributes={"sluice.runtime": self.name, "sluice.model": model.name, "sluice.stage": stage,
+                attributes={"sluice.runtime": self.name, "sluice.model": model.name, "sluice.stage": stage(index),
                             COMPUTE_MS_TAG: round((ended - began) / 1e6, 3), FUSED_TAG: True})
             child.end(end_time=ended)
 
@@ -557,18 +558,19 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 began = time.perf_counter()
                 outputs = await model.predict(inputs)
                 tag_model_time(0.0, time.perf_counter() - began)
-        except TensorError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{model.name}: {exc}")
-        except Overloaded as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"runtime {self.name!r}: {model.name}: {exc}")
-        except Exception as exc:  # the model's own failure: report it, keep serving
-            log.exception("model %s failed", model.name)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{model.name}: {type(exc).__name__}: {exc}")
-        if request.outputs:
-            wanted = {o.name for o in request.outputs}
-            outputs = {k: v for k, v in outputs.items() if k in wanted}
-        response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
-        return fill_response(response, outputs, model.output_specs)
+        except Exception as exc:  # bad input, a full queue, or the model's own failure: report it, keep serving
+            await self._model_failed(context, model, exc)
+        return _answer(request, outputs, model)
+
+
+def _answer(request, outputs: dict, model: Model) -> pb.ModelInferResponse:
+    """The answer to ``request`` (named as asked; ``model``'s version): the outputs it asked
+    for (all when it named none), raw."""
+    if request.outputs:
+        wanted = {o.name for o in request.outputs}
+        outputs = {k: v for k, v in outputs.items() if k in wanted}
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version=model.version, id=request.id)
+    return fill_response(response, outputs, model.output_specs)
 
 
 def _header(context, name: str) -> str:
