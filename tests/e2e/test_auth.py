@@ -79,6 +79,8 @@ CALLS = [
     ("manager", "GET", "/api/v1/runtimes", None),
     ("manager", "POST", "/api/v1/runtimes/scikit/models", {"model": "iris_classifier"}),
     ("manager", "GET", "/api/v1/models", None),
+    ("manager", "PUT", "/api/v1/models/iris_classifier/version-policy", {"default": "2"}),
+    ("manager", "DELETE", "/api/v1/models/iris_classifier/version-policy", None),
     ("manager", "GET", "/api/v1/tokens", None),
     ("manager", "POST", "/api/v1/tokens", {"scopes": ["admin"]}),
     ("manager", "GET", "/api/v1/mesh", None),
