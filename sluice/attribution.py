@@ -44,7 +44,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sluice.tracing import COMPUTE_MS_TAG, ENCODE_MS_TAG, PARSE_MS_TAG, QUEUE_MS_TAG
+from sluice.tracing import COMPUTE_MS_TAG, ENCODE_MS_TAG, PARSE_MS_TAG, QUEUE_MS_TAG, RUNTIME_TRACED_TAG
 
 #: the tag Envoy puts on its spans (``component: proxy``)
 ENVOY_COMPONENT = "proxy"
@@ -424,11 +424,16 @@ def _stage_key(stage: str) -> tuple[int, str]:
     return (int(stage), "") if stage.isdigit() else (1 << 30, stage)
 
 
+def _truthy(tag: str | None) -> bool:
+    return tag is not None and tag.lower() == "true"  # Zipkin's tags are strings
+
+
 def complete(spans: Sequence[Span]) -> bool:
     """Whether a trace looks whole: one root, every parent present, every stage call reached
     its runtime's sidecar (each Envoy sends its spans on its own schedule), and a runtime
-    that traces (one of its sidecar's spans has a child) has a span under each of its
-    sidecar's spans (a runtime that never joins the trace, e.g. Triton, has none)."""
+    that traces has a span under each of its sidecar's spans: one whose answer said so
+    (the gateway's call span tagged ``sluice.runtime_traced``), or one with a span under
+    another of its sidecar's spans (a runtime that never joins the trace, e.g. Triton, has none)."""
     if not spans:
         return False
     by_id = {s.id: s for s in spans}
@@ -442,6 +447,17 @@ def complete(spans: Sequence[Span]) -> bool:
     calls = [s for s in spans if s.kind == "CLIENT" and STAGE_TAG in s.tags]
     egress = [s for s in spans if envoy(s, "egress") and not s.shadow]
     if not all(s.id in has_child for s in (*calls, *egress)):
+        return False
+    children: dict[str, list[Span]] = {}
+    for s in spans:
+        if s.parent_id:
+            children.setdefault(s.parent_id, []).append(s)
+
+    def reaches_runtime(s: Span) -> bool:
+        return any(RUNTIME_TAG in c.tags or reaches_runtime(c) for c in children.get(s.id, ()))
+
+    # a call whose runtime answered that it traced it (``sluice.tracing.TRACED_HEADER``)
+    if not all(reaches_runtime(s) for s in calls if _truthy(s.tags.get(RUNTIME_TRACED_TAG))):
         return False
     runtime_sidecars: dict[str, list[Span]] = {}
     for s in spans:

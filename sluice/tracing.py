@@ -16,7 +16,9 @@ first stage call: reading and parsing the body into tensors) and ``sluice.encode
 (from its last stage call's answer until the response starts: tensors back to JSON),
 marked by ``stage_work()`` around the gateway's executor; a runtime's
 ``sluice.queue_ms`` (waiting for a predict thread) and ``sluice.compute_ms`` (the
-model's ``predict``), set by ``tag_model_time``.
+model's ``predict``), set by ``tag_model_time``. A runtime that recorded a span answers
+``x-sluice-traced``, and the gateway marks its call's span with ``sluice.runtime_traced``:
+the trace is whole only once that runtime's spans are in.
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ PARSE_MS_TAG = "sluice.parse_ms"
 ENCODE_MS_TAG = "sluice.encode_ms"
 QUEUE_MS_TAG = "sluice.queue_ms"
 COMPUTE_MS_TAG = "sluice.compute_ms"
+#: a runtime's answer carries this initial metadata when it recorded a span for the call
+#: (its spans reach Zipkin on their own schedule); the gateway then tags its call's span
+#: ``RUNTIME_TRACED_TAG``, so ``sluice.attribution.complete`` knows to wait for them
+TRACED_HEADER = "x-sluice-traced"
+RUNTIME_TRACED_TAG = "sluice.runtime_traced"
 
 
 def _ms(ns: int) -> float:

@@ -101,6 +101,9 @@ def test_sluice_trace_of_a_real_request_adds_up_to_its_time(traced):
     # the two stages run fused (sluice.fusion): front Envoy, gateway, its call, egress Envoy,
     # runtime Envoy, the runtime's call span and one span per stage inside it
     assert out["detached_spans"] == 0 and len(out["spans"]) == len(spans) == SPANS
+    # the runtime answered that it traced the call, so ``--wait`` waited for its spans
+    (fused_call,) = [s for s in spans if s.get("kind") == "CLIENT" and "sluice.stage" in s.get("tags", {})]
+    assert fused_call["tags"].get("sluice.runtime_traced") == "true"
 
     # every hop of the path has its own time, the processes' tags split theirs
     for hop in ("front Envoy", "gateway parse", "gateway encode", "gateway call", "egress Envoy", "runtime Envoy",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from sluice.attribution import Hop, Role, Span, TraceError, attribute, complete, summarize_stages
-from sluice.tracing import COMPUTE_MS_TAG, ENCODE_MS_TAG, PARSE_MS_TAG, QUEUE_MS_TAG, Tracing, stage_work, tag_model_time
+from sluice.tracing import COMPUTE_MS_TAG, ENCODE_MS_TAG, PARSE_MS_TAG, QUEUE_MS_TAG, RUNTIME_TRACED_TAG, Tracing, stage_work, tag_model_time
 
 RECORDED = Path(__file__).with_name("recorded_trace_iris.json")
 
@@ -127,6 +128,21 @@ def test_recorded_trace_is_complete_and_not_without_a_hop():
     # the gateway sidecar's not sent yet: no root
     assert not complete([s for s in spans if s.service != "gateway-sidecar"])
     assert not complete([])
+
+
+def test_a_call_whose_runtime_answered_that_it_traced_waits_for_that_runtimes_spans():
+    """Both runtime spans missing looks like a runtime that never joins the trace, unless
+    the gateway's call span says the runtime answered ``x-sluice-traced`` (then not whole)."""
+    spans = [
+        replace(s, tags={**s.tags, RUNTIME_TRACED_TAG: "true"}) if s.kind == "CLIENT" and "sluice.stage" in s.tags else s
+        for s in recorded()
+    ]
+    assert complete(spans)
+    without_runtime = [s for s in spans if s.service != "scikit"]
+    assert not complete(without_runtime)
+    # the tag is on the call: one runtime span in, the other call's not yet, still not whole
+    first_runtime = next(s for s in spans if s.service == "scikit")
+    assert not complete([*without_runtime, first_runtime])
 
 
 # --- hand-made traces: concurrency, skew, mirrors, missing parts
