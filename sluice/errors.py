@@ -104,15 +104,16 @@ def error_response(status: int, message: str, code: str | None = None, **details
     )
 
 
+#: the methods a 405's ``Allow`` may name
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def allowed_methods(request: Request) -> list[str]:
-    """Every method the routes matching the request's path take (Starlette's own 405
-    names only the first route's, though several routes may share a path)."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        route_methods = getattr(route, "methods", None)
-        if route_methods and route.matches(request.scope)[0] != Match.NONE:
-            methods |= set(route_methods)
-    return sorted(methods)
+    """Every method some route takes on the request's path (Starlette's own 405 names only
+    the first route's, though several routes may share a path). Each method is tried
+    against every route, so routes of included routers count as the app's own do."""
+    routes = request.app.router.routes
+    return [m for m in _METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
 
 
 def install_error_handlers(app: FastAPI) -> None:

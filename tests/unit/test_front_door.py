@@ -72,6 +72,7 @@ async def test_serve_errors_keep_the_project_shape_and_status(client):
     assert not_json.status_code == 422 and "not valid JSON" in error(not_json)["message"]
     wrong_method = await client.get("/serve/p")
     assert wrong_method.status_code == 405 and error(wrong_method)["code"] == "method_not_allowed"
+    assert wrong_method.headers["allow"] == "POST"  # RFC 9110: what the path takes
     too_big = await client.post("/serve/p", content=b"[" + b" " * 5000 + b"]", headers={"content-type": "application/json"})
     assert too_big.status_code == 413 and error(too_big)["code"] == "payload_too_large"
 
