@@ -35,7 +35,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gateway import graph, metrics, served_by
 from gateway.pipelines import CompiledPipeline, CompiledRun, CompiledStage, PipelineTable
-from sluice.fusion import FAILED_STAGE_HEADER, FUSED_PARAMETER, FUSED_TAG, VERSIONS_PARAMETER
+from sluice.fusion import FAILED_STAGE_HEADER, FUSED_PARAMETER, FUSED_TAG, TIMEOUT_PARAMETER, VERSIONS_PARAMETER
 from sluice.tensors import TensorError, raw_outputs
 from sluice.tracing import RUNTIME_TRACED_TAG, TRACED_HEADER, Tracing
 from sluice.wire import UNROUTED
@@ -206,6 +206,7 @@ class Executor:
         request = pb.ModelInferRequest(model_name=stage.model, model_version=stage.version)
         if run is not None:
             request.parameters[FUSED_PARAMETER].string_param = run.steps
+            request.parameters[TIMEOUT_PARAMETER].int64_param = run.first_timeout_ms
         for spec in stage.inputs:  # ``current``: the stage's inputs by name (gateway.graph.inputs_for)
             try:
                 datatype, shape, raw = current[spec.name]

@@ -83,6 +83,7 @@ class CompiledRun:
     metadata: tuple[tuple[str, str], ...]  # the first stage's, on the run's route
     timeout_s: float
     steps: str  # the ``sluice.fused`` parameter (JSON)
+    first_timeout_ms: int  # the ``sluice.timeout_ms`` parameter: the first stage's own timeout
 
     @property
     def first(self) -> CompiledStage:
@@ -179,7 +180,8 @@ def compile_pipeline(plan: PipelinePlan, deadline_slack_ms: int, fuse: bool = Tr
         first = stages[run.first]
         metadata = tuple((k, run.route if k == ROUTE_HEADER else v) for k, v in first.metadata)
         calls[run.first:run.last + 1] = [
-            CompiledRun(tuple(stages[run.indexes.start:run.indexes.stop]), metadata, (run.timeout_ms + deadline_slack_ms) / 1000, encoded)
+            CompiledRun(tuple(stages[run.indexes.start:run.indexes.stop]), metadata, (run.timeout_ms + deadline_slack_ms) / 1000, encoded,
+                        plan.stages[run.first].timeout_ms)
         ]
     return CompiledPipeline(plan.name, plan.revision, tuple(stages), request=plan.request, answer=plan.answer,
                             order=order, linear=linear, calls=tuple(calls), plain_traffic=plain_traffic(plan))

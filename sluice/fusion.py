@@ -13,10 +13,16 @@ route per run, ``route`` below, with the run's summed timeout) and the gateway (
 calls it) agree without a word on the wire. The gateway sends the run's first model
 the request as usual, with the route header of the run and the string parameter
 ``sluice.fused``: JSON ``[{"stage": i, "model": m, "version": v, "inputs": {input:
-output of the stage before}}, ...]`` for each stage after the first. The runtime runs
-them in order on the arrays the one before gave (nothing is re-encoded in between)
+output of the stage before}, "timeout_ms": t}, ...]`` for each stage after the first,
+and the first stage's timeout as the int64 parameter ``sluice.timeout_ms``. The runtime
+runs them in order on the arrays the one before gave (nothing is re-encoded in between)
 and answers the last stage's outputs; each stage gets a span of its own, and a
 failure names its stage in the trailing metadata ``x-sluice-failed-stage``.
+
+Each stage keeps its own timeout inside a run: Envoy's route and the gateway's deadline
+bound the whole run by the sum, and the runtime fails the run with DEADLINE_EXCEEDED,
+naming the stage, as soon as one stage has run longer than its own ``timeout_ms``
+(counted from when the stage began; the first's from when the call reached the runtime).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from sluice.traffic import StageTraffic
 
 #: the ModelInfer parameter carrying the stages after the first (JSON)
 FUSED_PARAMETER = "sluice.fused"
+#: the int64 ModelInfer parameter carrying a fused run's first stage's timeout (ms)
+TIMEOUT_PARAMETER = "sluice.timeout_ms"
 #: trailing metadata of a failed fused call: the index of the stage that failed
 FAILED_STAGE_HEADER = "x-sluice-failed-stage"
 #: the ModelInfer answer parameter listing each fused stage's model version, comma-separated
@@ -62,6 +70,7 @@ class FusedStep:
     model: str
     version: str
     inputs: tuple[tuple[str, str], ...]
+    timeout_ms: int = 0  # the stage's own timeout; 0: none but the run's
 
 
 def run_route(first: StagePlan, length: int) -> str:
@@ -98,13 +107,14 @@ def steps(plan: PipelinePlan, run: FusedRun) -> tuple[FusedStep, ...]:
     for index in range(run.first + 1, run.last + 1):
         stage = graph.stages[index]
         by_input = {b.input: b.source for b in stage.bindings}
-        out.append(FusedStep(index, stage.model, stage.version, tuple((t.name, by_input.get(t.name, t.name)) for t in stage.inputs)))
+        out.append(FusedStep(index, stage.model, stage.version, tuple((t.name, by_input.get(t.name, t.name)) for t in stage.inputs),
+                             stage.timeout_ms))
     return tuple(out)
 
 
 def encode_steps(fused: tuple[FusedStep, ...]) -> str:
-    return json.dumps([{"stage": s.stage, "model": s.model, "version": s.version, "inputs": dict(s.inputs)} for s in fused],
-                      separators=(",", ":"))
+    return json.dumps([{"stage": s.stage, "model": s.model, "version": s.version, "inputs": dict(s.inputs), "timeout_ms": s.timeout_ms}
+                       for s in fused], separators=(",", ":"))
 
 
 def decode_steps(text: str) -> tuple[FusedStep, ...]:
@@ -116,15 +126,20 @@ def decode_steps(text: str) -> tuple[FusedStep, ...]:
     if not isinstance(raw, list) or not raw:
         raise ValueError(f"parameter {FUSED_PARAMETER!r} must be a non-empty JSON list")
     out = []
+    shape = "{stage: int, model: str, version: str, inputs: {str: str}, timeout_ms: int >= 0}"
     for item in raw:
+        if not isinstance(item, dict):
+            raise ValueError(f"parameter {FUSED_PARAMETER!r}: a step must be {shape}")
         try:
             stage, model, version, inputs = item["stage"], item["model"], item.get("version", ""), item["inputs"]
-        except (TypeError, KeyError) as exc:
+            timeout_ms = item.get("timeout_ms", 0)
+        except KeyError as exc:
             raise ValueError(f"parameter {FUSED_PARAMETER!r}: a step lacks {exc}") from None
         if not (isinstance(stage, int) and isinstance(model, str) and model and isinstance(version, str) and isinstance(inputs, dict)
-                and all(isinstance(k, str) and isinstance(v, str) for k, v in inputs.items())):
-            raise ValueError(f"parameter {FUSED_PARAMETER!r}: a step must be {{stage: int, model: str, version: str, inputs: {{str: str}}}}")
-        out.append(FusedStep(stage, model, version, tuple(inputs.items())))
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in inputs.items())
+                and type(timeout_ms) is int and timeout_ms >= 0):
+            raise ValueError(f"parameter {FUSED_PARAMETER!r}: a step must be {shape}")
+        out.append(FusedStep(stage, model, version, tuple(inputs.items()), timeout_ms))
     return tuple(out)
 
 

@@ -85,7 +85,7 @@ from runtimes.sdk.repository import (
 from sluice.limits import Overloaded
 from sluice.traffic import VERSION_HEADER
 from sluice.tensors import TensorError, fill_response, request_inputs
-from sluice.fusion import FAILED_STAGE_HEADER, FUSED_PARAMETER, FUSED_TAG, VERSIONS_PARAMETER, decode_steps
+from sluice.fusion import FAILED_STAGE_HEADER, FUSED_PARAMETER, FUSED_TAG, TIMEOUT_PARAMETER, VERSIONS_PARAMETER, decode_steps
 from sluice.tracing import COMPUTE_MS_TAG, TRACED_HEADER, Tracing, tag_model_time
 from opentelemetry import trace
 
@@ -124,6 +124,17 @@ def _digests_param(parameters) -> dict[str, str] | None:
     return check_digests(value)
 
 
+def _timeout_param(parameters) -> int:
+    """The ``sluice.timeout_ms`` parameter (a fused run's first stage's timeout), 0 when
+    absent; ``ValueError`` unless a non-negative int64."""
+    if TIMEOUT_PARAMETER not in parameters:
+        return 0
+    param = parameters[TIMEOUT_PARAMETER]
+    if param.WhichOneof("parameter_choice") != "int64_param" or param.int64_param < 0:
+        raise ValueError(f"parameter {TIMEOUT_PARAMETER!r} must be a non-negative int64")
+    return param.int64_param
+
+
 class StepFailed(Exception):
     """A step of a chain run by ``PredictPool.predict_chain`` failed: ``index`` says which."""
 
@@ -131,6 +142,69 @@ class StepFailed(Exception):
         super().__init__(str(error))
         self.index = index
         self.error = error
+
+
+class StepTimedOut(Exception):
+    """A step of a fused run ran longer than its stage's own timeout."""
+
+
+class StepClock:
+    """Which step of a chain runs and since when, against each step's budget (seconds;
+    0: none): inside a fused run each stage keeps its own timeout (``sluice.fusion``).
+    The thread running the chain moves it on; the event loop reads it to give up on a
+    step that overran (``watched``). The first step's time counts from the clock's making."""
+
+    __slots__ = ("budgets", "step")
+    #: how often ``watched`` looks whether the next step has begun (its budget is then kept
+    #: to within this)
+    POLL_S = 0.025
+
+    def __init__(self, budgets: list[float]):
+        self.budgets = budgets
+        self.step = (0, time.perf_counter())  # one attribute: read whole from another thread
+
+    def start(self, index: int) -> None:
+        if index:
+            self.step = (index, time.perf_counter())
+
+    def left(self) -> tuple[int, float | None]:
+        """The step running, and the seconds left of its budget (None: no budget)."""
+        index, began = self.step
+        budget = self.budgets[index]
+        return index, (budget - (time.perf_counter() - began) if budget else None)
+
+    def check(self) -> None:
+        """``StepTimedOut`` if the step that just ended overran its budget."""
+        index, left = self.left()
+        if left is not None and left < 0:
+            raise self.overran(index)
+
+    def overran(self, index: int) -> StepTimedOut:
+        return StepTimedOut(f"ran past its stage's timeout of {self.budgets[index] * 1000:g} ms")
+
+    async def watched(self, running: asyncio.Future, cancel: bool) -> object:
+        """``running``'s result, or ``StepFailed(StepTimedOut)`` for the step that overran its
+        budget first; ``cancel``: cancel ``running`` then (a thread's work cannot be: it
+        finishes unseen, as a call's whose deadline passed)."""
+        while True:
+            index, left = self.left()
+            wait = None if left is None else max(left, 0.0)
+            if any(self.budgets[index + 1:]):  # look again soon: the next step brings its own budget
+                wait = self.POLL_S if wait is None else min(wait, self.POLL_S)
+            done, _ = await asyncio.wait((running,), timeout=wait)
+            if done:
+                return running.result()
+            index, left = self.left()
+            if left is not None and left <= 0:
+                if cancel:
+                    running.cancel()
+                running.add_done_callback(_ignore_outcome)
+                raise StepFailed(index, self.overran(index))
+
+
+def _ignore_outcome(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: an abandoned step's failure is not logged as unhandled
 
 
 Link = tuple[tuple[str, str], ...]  # a chain step's inputs: (input, output of the step before)
@@ -195,31 +269,39 @@ class PredictPool:
         tag_model_time(began - submitted, ended - began)
         return outputs
 
-    async def predict_chain(self, models: list[Model], links: list[Link], inputs: dict) -> tuple[dict, list[Timing], float]:
+    async def predict_chain(self, models: list[Model], links: list[Link], inputs: dict,
+                            clock: StepClock | None = None) -> tuple[dict, list[Timing], float]:
         """Run ``models`` in order, each on the outputs of the one before (``links[i]``: for
         model ``i + 1``, its inputs from model ``i``'s outputs), in one hand-off to a thread
         (or inline, as ``predict``). The last outputs, each model's compute timing, and how
-        long the chain waited for a thread; ``StepFailed`` naming the step that failed."""
+        long the chain waited for a thread; ``StepFailed`` naming the step that failed, or
+        (with a ``clock``) the step that overran its budget, given up on at its budget's end."""
         if self._inline(models):
             timings: list[Timing] = []
-            return await _chain(models, links, inputs, self._measured, timings), timings, 0.0
+            return await _chain(models, links, inputs, self._measured, timings, clock), timings, 0.0
         submitted = time.perf_counter()
-        outputs, timings, began = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._drive_chain, models, links, inputs)
+        running = asyncio.get_running_loop().run_in_executor(self._executor, self._drive_chain, models, links, inputs, clock)
+        if clock is not None and any(clock.budgets):
+            outputs, timings, began = await clock.watched(running, cancel=False)
+        else:
+            outputs, timings, began = await running
         return outputs, timings, began - submitted
 
-    def _drive_chain(self, models: list[Model], links: list[Link], inputs: dict) -> tuple[dict, list[Timing], float]:
+    def _drive_chain(self, models: list[Model], links: list[Link], inputs: dict,
+                     clock: StepClock | None) -> tuple[dict, list[Timing], float]:
         began = time.perf_counter()
         timings: list[Timing] = []
-        outputs = self._loop().run_until_complete(_chain(models, links, inputs, self._measured, timings))
+        outputs = self._loop().run_until_complete(_chain(models, links, inputs, self._measured, timings, clock))
         return outputs, timings, began
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-async def _chain(models: list[Model], links: list[Link], inputs: dict, measured, timings: list[Timing] | None = None) -> dict:
-    """The models in order, each checked against and fed from the one before's outputs."""
+async def _chain(models: list[Model], links: list[Link], inputs: dict, measured, timings: list[Timing] | None = None,
+                 clock: StepClock | None = None) -> dict:
+    """The models in order, each checked against and fed from the one before's outputs;
+    with a ``clock``, a step that overran its budget fails (``StepTimedOut``)."""
     outputs = inputs
     for index, model in enumerate(models):
         try:
@@ -229,9 +311,13 @@ async def _chain(models: list[Model], links: list[Link], inputs: dict, measured,
                 except KeyError as exc:
                     raise TensorError(f"the stage before gave no output {exc.args[0]!r}") from None
                 _check_inputs(model, inputs)
+            if clock is not None:
+                clock.start(index)
             began_ns = time.time_ns()
             outputs = await model.predict(inputs)
             ended_ns = time.time_ns()
+            if clock is not None:
+                clock.check()
         except Exception as exc:
             raise StepFailed(index, exc) from exc
         measured(model, (ended_ns - began_ns) / 1e9)
@@ -485,8 +571,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             if param.WhichOneof("parameter_choice") != "string_param":
                 raise ValueError(f"parameter {FUSED_PARAMETER!r} must be a JSON string")
             steps = decode_steps(param.string_param)
+            clock = StepClock([_timeout_param(request.parameters) / 1000, *(s.timeout_ms / 1000 for s in steps)])
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"runtime {self.name!r}: {exc}")
+
         def stage(index: int) -> str:  # the stage of model ``index``, for errors and spans
             return _header(context, STAGE_HEADER) if index == 0 else str(steps[index - 1].stage)
 
@@ -508,10 +596,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             links = [s.inputs for s in steps]
             try:
                 if self.predict_pool is not None and not any(getattr(m, "runs_on_loop", False) for m in models):
-                    outputs, timings, queued = await self.predict_pool.predict_chain(models, links, inputs)
+                    outputs, timings, queued = await self.predict_pool.predict_chain(models, links, inputs, clock)
                 else:  # on the loop, as ``_run`` runs such models
                     timings, queued = [], 0.0
-                    outputs = await _chain(models, links, inputs, lambda model, seconds: None, timings)
+                    running = asyncio.ensure_future(_chain(models, links, inputs, lambda model, seconds: None, timings, clock))
+                    outputs = await (clock.watched(running, cancel=True) if any(clock.budgets) else running)
             except StepFailed as failed:
                 context.set_trailing_metadata(((FAILED_STAGE_HEADER, stage(failed.index)),))
                 await self._model_failed(context, models[failed.index], failed.error)
@@ -528,6 +617,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         RESOURCE_EXHAUSTED, anything else (logged) INTERNAL with the model's message."""
         if isinstance(exc, TensorError):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{model.name}: {exc}")
+        if isinstance(exc, StepTimedOut):
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{model.name}: {exc}")
         if isinstance(exc, Overloaded):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"runtime {self.name!r}: {model.name}: {exc}")
         log.error("model %s failed", model.name, exc_info=exc)

@@ -8,7 +8,6 @@ is never fused (its calls stay apart)."""
 from __future__ import annotations
 
 import grpc
-import httpx
 import joblib
 import numpy as np
 import pytest
@@ -16,18 +15,11 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from tests.conftest import STORE
-from tests.e2e.conftest import IRIS_CHAIN
+from tests.e2e.conftest import IRIS_CHAIN, routes
 
 FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
 RECORDS = [dict(zip(FEATURES, row)) for row in ROWS]
-
-
-def routes(mesh) -> dict[str, dict]:
-    """The gateway sidecar's egress routes by name, from Envoy's config_dump."""
-    dump = httpx.get(f"{mesh.admin_url('gateway')}/config_dump?resource=dynamic_scoped_route_configs", timeout=5).json()
-    scopes = [s for c in dump["configs"] for s in c.get("scoped_route_configs", [])]
-    return {r["name"]: r for s in scopes for h in s["route_configuration"]["virtual_hosts"] for r in h["routes"] if "name" in r}
 
 
 @pytest.fixture(scope="module")

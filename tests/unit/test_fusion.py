@@ -5,6 +5,8 @@ step is named in the trailing metadata, a bad parameter is INVALID_ARGUMENT)."""
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
 
 import grpc
@@ -81,10 +83,13 @@ def test_a_graph_with_branches_or_conditions_is_not_fused() -> None:
 def test_steps_round_trip_and_bad_parameters_are_refused_with_the_reason() -> None:
     chain = plan(stage(0), stage(1), stage(2))
     steps = fusion.steps(chain, fusion.fused_runs(chain)[0])
-    assert [(s.stage, s.model, s.inputs) for s in steps] == [(1, "m1", (("in1", "out0"),)), (2, "m2", (("in2", "out1"),))]
+    assert [(s.stage, s.model, s.inputs, s.timeout_ms) for s in steps] == [
+        (1, "m1", (("in1", "out0"),), 2000), (2, "m2", (("in2", "out1"),), 3000)]  # each stage's own timeout
     assert fusion.decode_steps(fusion.encode_steps(steps)) == steps
-    for bad, reason in (("{", "not JSON"), ("[]", "non-empty"), ('[{"stage": 1}]', "lacks"),
-                        ('[{"stage": "1", "model": "m", "inputs": {}}]', "must be")):
+    for bad, reason in (("{", "not JSON"), ("[]", "non-empty"), ('[{"stage": 1}]', "lacks"), ("[1]", "must be"),
+                        ('[{"stage": "1", "model": "m", "inputs": {}}]', "must be"),
+                        ('[{"stage": 1, "model": "m", "inputs": {}, "timeout_ms": -1}]', "must be"),
+                        ('[{"stage": 1, "model": "m", "inputs": {}, "timeout_ms": "5"}]', "must be")):
         with pytest.raises(ValueError, match=reason):
             fusion.decode_steps(bad)
 
@@ -96,6 +101,7 @@ def test_the_gateway_compiles_a_run_on_the_runs_route_or_every_stage_when_fusion
     run = compiled.calls[1]
     assert isinstance(run, CompiledRun)
     assert [s.index for s in run.stages] == [1, 2] and run.timeout_s == 5.0
+    assert run.first_timeout_ms == 2000  # stage 1's own, sent as sluice.timeout_ms
     assert dict(run.metadata)[ROUTE_HEADER] == "p.r1.s1+2"
     assert [c.index for c in compile_pipeline(chain, 0, fuse=False).calls] == [0, 1, 2]
 
@@ -117,12 +123,33 @@ class Affine(Model):
         return {self.outputs[0].name: x * self.scale + self.shift}
 
 
+class Sleepy(Affine):
+    """An identity that blocks its thread for ``SLEEP_S``; ``finished`` is set after."""
+
+    SLEEP_S = 3.0
+
+    def __init__(self, name: str, given: str, gives: str):
+        super().__init__(name, given, gives, 1.0, 0.0)
+        self.finished = threading.Event()
+
+    async def predict(self, inputs):
+        time.sleep(self.SLEEP_S)  # CPU-bound work as the thread sees it: nothing can interrupt it
+        self.finished.set()
+        return await super().predict(inputs)
+
+
 @pytest.fixture
-async def runtime():
+def sleepy() -> dict[str, Sleepy]:
+    return {"slow_first": Sleepy("slow_first", "in0", "out0"), "slow": Sleepy("slow", "in1", "out1")}
+
+
+@pytest.fixture
+async def runtime(sleepy):
     models = {
         "m0": Affine("m0", "in0", "out0", 2.0, 0.0),
         "m1": Affine("m1", "in1", "out1", 1.0, -10.0),
         "m2": Affine("m2", "in2", "out2", 3.0, 1.0, fails=True),
+        **sleepy,
     }
     pool = PredictPool(2, inline_below_s=0.001)
     server = grpc.aio.server()
@@ -138,11 +165,13 @@ async def runtime():
         pool.close()
 
 
-def fused_request(x: np.ndarray, steps: str) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="m0")
+def fused_request(x: np.ndarray, steps: str, model: str = "m0", first_timeout_ms: int | None = None) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
     request.inputs.add(name="in0", datatype="FP64", shape=list(x.shape))
     request.raw_input_contents.append(x.astype("<f8").tobytes())
     request.parameters[fusion.FUSED_PARAMETER].string_param = steps
+    if first_timeout_ms is not None:
+        request.parameters[fusion.TIMEOUT_PARAMETER].int64_param = first_timeout_ms
     return request
 
 
@@ -181,3 +210,47 @@ async def test_a_malformed_fused_parameter_is_invalid_argument(runtime) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await runtime.ModelInfer(fused_request(np.array([[1.0, 2.0]]), "[1, 2"))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fusion.FUSED_PARAMETER in caught.value.details()
+
+
+# --- each stage's own timeout inside a run
+
+
+async def test_a_run_within_every_stages_timeout_answers(runtime) -> None:
+    steps = fusion.encode_steps((fusion.FusedStep(1, "m1", "", (("in1", "out0"),), 5000),
+                                 fusion.FusedStep(2, "m2", "", (("in2", "out1"),), 5000)))
+    x = np.array([[6.0, 7.0]])
+    for _ in range(3):  # on a thread (watched), then inline
+        answer = await runtime.ModelInfer(fused_request(x, steps, first_timeout_ms=5000))
+        datatype, shape, raw = raw_outputs(answer)["out2"]
+        np.testing.assert_array_equal(np.frombuffer(raw, "<f8").reshape(shape), (x * 2 - 10) * 3 + 1)
+
+
+async def test_a_stage_running_past_its_own_timeout_fails_the_run_at_that_timeout_naming_it(runtime, sleepy) -> None:
+    """The run's stages have 60 s between them, the slow one 200 ms of its own: the runtime
+    answers DEADLINE_EXCEEDED for that stage while its model still runs (it takes 3 s)."""
+    steps = fusion.encode_steps((fusion.FusedStep(1, "slow", "", (("in1", "out0"),), 200),
+                                 fusion.FusedStep(2, "m2", "", (("in2", "out1"),), 60_000)))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await runtime.ModelInfer(fused_request(np.array([[1.0, 2.0]]), steps, first_timeout_ms=60_000), timeout=30)
+    assert not sleepy["slow"].finished.is_set()  # given up on at its budget, not after it ended
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "slow" in caught.value.details() and "200 ms" in caught.value.details()
+    assert (fusion.FAILED_STAGE_HEADER, "1") in tuple(caught.value.trailing_metadata())
+
+
+async def test_the_first_stage_keeps_its_timeout_from_the_timeout_parameter(runtime, sleepy) -> None:
+    steps = fusion.encode_steps((fusion.FusedStep(1, "m1", "", (("in1", "out0"),), 60_000),))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await runtime.ModelInfer(fused_request(np.array([[1.0, 2.0]]), steps, "slow_first", first_timeout_ms=200),
+                                 metadata=(("x-sluice-stage", "4"),), timeout=30)
+    assert not sleepy["slow_first"].finished.is_set()
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (fusion.FAILED_STAGE_HEADER, "4") in tuple(caught.value.trailing_metadata())
+
+
+async def test_a_bad_timeout_parameter_is_invalid_argument(runtime) -> None:
+    request = fused_request(np.array([[1.0, 2.0]]), STEPS)
+    request.parameters[fusion.TIMEOUT_PARAMETER].string_param = "soon"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await runtime.ModelInfer(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fusion.TIMEOUT_PARAMETER in caught.value.details()
