@@ -9,7 +9,8 @@ edges whose tensors do not fit and conditions that do not parse or type.
 A stage with no version stays unpinned in the plan (``version`` ""): its runtime's
 default version serves it (the model's version-policy default when loaded, else the
 highest; ``sluice.version_policy``), and its signature is the one the runtime reports
-for the model unpinned (``manager.signatures``), i.e. that default's.
+for the model unpinned (``manager.signatures``), i.e. that default's; a pinned stage's is
+its version's.
 
 Each stage gets its runtime, model, signature, Envoy route key and input bindings
 (which output of the previous stage feeds which input). A stage that names an
@@ -22,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from manager.schemas import PipelineSpec, StageSpec
+from manager.signatures import signature_for
 from manager.store import RuntimeRow
 from manager.traffic_spec import resolve_traffic
 from sluice.errors import ApiError
@@ -120,7 +122,7 @@ def _signature(index: int, stage: StageSpec, runtimes: dict[str, RuntimeRow]) ->
             model=stage.model,
             versions=versions,
         )
-    return model
+    return signature_for(model, stage.version or "")
 
 
 def _bindings(index: int, stage: StageSpec, inputs: tuple[TensorSpec, ...], previous: StagePlan) -> tuple[Binding, ...]:

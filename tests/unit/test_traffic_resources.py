@@ -266,3 +266,54 @@ def test_stage_calls_forward_only_the_pin_and_the_sticky_key_and_never_the_marke
     assert seen["forwarded"] == metadata + (("x-sluice-variant", "canary"), ("x-user", "u1"))  # the client's x-sluice-route is not
     assert response.headers["x-sluice-served-by"] == "lr=canary/iris_classifier:2, 1=?/iris_classifier:1"
     assert response.headers["retry-after"] == "1"
+
+
+# --- each version's own signature (``manager.signatures.signature_for``)
+
+#: ``iris_classifier`` version 2 gives probabilities where version 1 gives labels;
+#: version 3 takes 3 features
+PROBABILITIES = [_t("probabilities", "FP64", -1, 3)]
+VERSIONED = {
+    "scikit": RuntimeRow("scikit", "oip", {
+        "iris_scaler": SCALER,
+        "iris_classifier": {**CLASSIFIER, "versions": ["1", "2", "3"], "by_version": {
+            "1": {"inputs": CLASSIFIER["inputs"], "outputs": CLASSIFIER["outputs"]},
+            "2": {"inputs": CLASSIFIER["inputs"], "outputs": PROBABILITIES},
+            "3": {"inputs": [_t("features", "FP64", -1, 3)], "outputs": CLASSIFIER["outputs"]},
+        }},
+    }),
+}
+
+
+def versioned_plan(classifier: dict):
+    spec = PipelineSpec.model_validate(
+        {"name": "iris", "stages": [{"runtime": "scikit", "model": "iris_scaler"}, {"runtime": "scikit", "model": "iris_classifier", **classifier}]}
+    )
+    return resolve(spec, 1, VERSIONED, 3000)
+
+
+def test_a_pinned_stage_has_its_versions_signature_and_an_unpinned_one_the_defaults() -> None:
+    assert [t.name for t in versioned_plan({"version": "2"}).stages[1].outputs] == ["probabilities"]
+    assert [t.name for t in versioned_plan({}).stages[1].outputs] == ["label"]
+    with pytest.raises(ApiError) as caught:  # version 3 takes 3 features: the scaler gives 4
+        versioned_plan({"version": "3"})
+    assert caught.value.status == 422 and "stage 1" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "classifier, words",
+    [
+        ({"traffic": [{"version": "1", "weight": 1}, {"version": "2", "weight": 1}]}, "version '2' of 'iris_classifier' has other outputs"),
+        ({"traffic": [{"version": "1", "weight": 1}, {"version": "3", "weight": 1}]}, "version '3' of 'iris_classifier' has other inputs"),
+        ({"mirror": {"version": "3"}}, "has other inputs"),
+    ],
+)
+def test_a_variant_or_mirror_whose_version_has_other_tensors_is_a_422(classifier, words) -> None:
+    with pytest.raises(ApiError) as caught:
+        versioned_plan(classifier)
+    assert caught.value.code == "bad_traffic" and words in caught.value.message, caught.value.message
+
+
+def test_a_mirror_may_answer_other_outputs_since_its_answer_goes_nowhere() -> None:
+    plan = versioned_plan({"mirror": {"version": "2", "percent": 100}})
+    assert plan.stages[1].traffic.mirror == Mirror("scikit", "2", 100.0)

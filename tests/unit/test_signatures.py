@@ -1,0 +1,66 @@
+"""What the manager reads of a runtime's models (``manager.signatures``), over a real
+gRPC server in this process (the runtime SDK's ``InferenceService``): a model's
+unpinned signature and, when it has several versions loaded, each version's."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from manager.signatures import read_from, signature_for
+from runtimes.sdk.model import Model, ModelArtifact
+from runtimes.sdk.models import ModelSet
+from runtimes.sdk.server import InferenceService
+from sluice.tensors import TensorSpec
+
+
+class Fixed(Model):
+    """A model known by its signature alone (nothing here calls ``predict``)."""
+
+    def __init__(self, name: str, version: str, inputs: list[TensorSpec], outputs: list[TensorSpec]):
+        super().__init__(ModelArtifact(name, version, None), inputs, outputs)
+
+    async def predict(self, inputs):
+        raise NotImplementedError
+
+
+FEATURES = [TensorSpec("features", "FP64", [-1, 4])]
+LABEL = [TensorSpec("label", "BYTES", [-1])]
+PROBABILITIES = [TensorSpec("probabilities", "FP64", [-1, 3])]
+
+
+@pytest.fixture
+async def stub():
+    models = ModelSet([
+        Fixed("classifier", "1", FEATURES, LABEL),
+        Fixed("classifier", "2", FEATURES, PROBABILITIES),
+        Fixed("scaler", "1", [TensorSpec("x", "FP64", [-1])], FEATURES),
+    ])
+    server = grpc.aio.server()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService("scikit", "python", models), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+def names(signature: dict, side: str) -> list[str]:
+    return [t["name"] for t in signature[side]]
+
+
+async def test_each_loaded_version_of_a_model_has_its_signature_read(stub) -> None:
+    read = await read_from(stub, [], timeout_s=5)
+    assert sorted(read) == ["classifier", "scaler"]
+    classifier = read["classifier"]
+    assert classifier["versions"] == ["1", "2"]
+    assert names(classifier, "outputs") == ["probabilities"]  # unpinned: the highest loaded answers
+    assert {v: names(s, "outputs") for v, s in classifier["by_version"].items()} == {"1": ["label"], "2": ["probabilities"]}
+    assert names(signature_for(classifier, "1"), "outputs") == ["label"]
+    assert signature_for(classifier, "") is classifier
+    # one version only: nothing more to read
+    assert "by_version" not in read["scaler"] and signature_for(read["scaler"], "1") is read["scaler"]
