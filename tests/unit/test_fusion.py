@@ -13,16 +13,17 @@ import grpc
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gateway.pipelines import CompiledRun, compile_pipeline
 from runtimes.sdk.model import Model, ModelArtifact
-from runtimes.sdk.server import InferenceService, PredictPool
+from runtimes.sdk.models import ModelSet
+from runtimes.sdk.server import PredictPool
 from sluice import fusion
 from sluice.plan import Binding, PipelinePlan, StagePlan
 from sluice.tensors import TensorSpec, raw_outputs
 from sluice.traffic import RateLimit, RetryPolicy, StageTraffic, Variant
 from sluice.wire import ROUTE_HEADER, route_key
+from tests.runtime_server import served, stub_of
 
 
 def spec(name: str) -> TensorSpec:
@@ -152,16 +153,10 @@ async def runtime(sleepy):
         **sleepy,
     }
     pool = PredictPool(2, inline_below_s=0.001)
-    server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService("fused", "python", models, predict_pool=pool), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield pb_grpc.GRPCInferenceServiceStub(channel)
+        async with served(ModelSet(models), "fused", "python", predict_pool=pool) as address, stub_of(address) as stub:
+            yield stub
     finally:
-        await channel.close()
-        await server.stop(None)
         pool.close()
 
 

@@ -4,15 +4,13 @@ unpinned signature and, when it has several versions loaded, each version's."""
 
 from __future__ import annotations
 
-import grpc
 import pytest
-from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from manager.signatures import read_from, signature_for
 from runtimes.sdk.model import Model, ModelArtifact
 from runtimes.sdk.models import ModelSet
-from runtimes.sdk.server import InferenceService
 from sluice.tensors import TensorSpec
+from tests.runtime_server import served, stub_of
 
 
 class Fixed(Model):
@@ -37,16 +35,8 @@ async def stub():
         Fixed("classifier", "2", FEATURES, PROBABILITIES),
         Fixed("scaler", "1", [TensorSpec("x", "FP64", [-1])], FEATURES),
     ])
-    server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService("scikit", "python", models), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield pb_grpc.GRPCInferenceServiceStub(channel)
-    finally:
-        await channel.close()
-        await server.stop(None)
+    async with served(models) as address, stub_of(address) as stub:
+        yield stub
 
 
 def names(signature: dict, side: str) -> list[str]:
