@@ -49,6 +49,7 @@ import asyncio
 import contextvars
 import math
 import struct
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -198,6 +199,9 @@ class _Waiter:
     size: int
     context: contextvars.Context
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    queued_ns: int = field(default_factory=time.perf_counter_ns)  # when it began to wait
+    taken_ns: int = 0  # when a folded run took it
+
 
 
 @dataclass(slots=True)
@@ -248,6 +252,7 @@ class Batcher:
             outcome = await waiter.future
         finally:
             self.table.leave(pipeline)
+        metrics.waited((waiter.taken_ns or time.perf_counter_ns()) - waiter.queued_ns)
         if outcome is _ALONE:
             return await self._run(pipeline, inputs)
         if traffic is not None:
@@ -285,6 +290,7 @@ class Batcher:
             if batch and (rows + waiter.rows > self.settings.max_rows or size + waiter.size > self.settings.max_bytes):
                 break
             waiting.popleft()
+            waiter.taken_ns = time.perf_counter_ns()
             batch.append(waiter)
             rows += waiter.rows
             size += waiter.size

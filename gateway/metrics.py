@@ -3,6 +3,7 @@ stage calls per (pipeline, stage, runtime, version) that served them."""
 
 from __future__ import annotations
 
+import contextvars
 import time
 from functools import lru_cache
 
@@ -70,31 +71,34 @@ class PipelineStats:
     OIP REST, OIP gRPC). One object per held revision, created with its compiled
     plan and gone with it, so their number is bounded by the pipelines served.
 
-    The gateway holds no queue of its own (a stage's queueing, e.g. Triton's dynamic
-    batching, is inside its call), so ``queue`` counts requests with 0 ns;
-    ``compute_input`` is reading and checking the request's tensors, ``compute_infer``
-    the stage calls, ``compute_output`` writing the answer.
+    ``queue`` is the time a request waited for a folded run of concurrent requests
+    (``gateway.batching``; 0 for one that ran at once; a stage's own queueing, e.g.
+    Triton's dynamic batching, is inside its call); ``compute_input`` is reading and
+    checking the request's tensors, ``compute_infer`` the stage calls (less the wait),
+    ``compute_output`` writing the answer.
     """
 
     __slots__ = (
         "inference_count", "execution_count", "last_inference_ms",
         "success_count", "success_ns", "fail_count", "fail_ns",
-        "input_ns", "infer_ns", "output_ns",
+        "queue_ns", "input_ns", "infer_ns", "output_ns",
     )
 
     def __init__(self) -> None:
         self.inference_count = self.execution_count = self.last_inference_ms = 0
         self.success_count = self.success_ns = self.fail_count = self.fail_ns = 0
-        self.input_ns = self.infer_ns = self.output_ns = 0
+        self.queue_ns = self.input_ns = self.infer_ns = self.output_ns = 0
 
-    def success(self, rows: int, started_ns: int, input_done_ns: int, infer_done_ns: int, done_ns: int) -> None:
-        """A request answered; the four ``time.perf_counter_ns()`` marks of its phases."""
+    def success(self, rows: int, started_ns: int, input_done_ns: int, infer_done_ns: int, done_ns: int, queued_ns: int = 0) -> None:
+        """A request answered; the four ``time.perf_counter_ns()`` marks of its phases, and
+        how much of its stage calls' time it waited for a folded run."""
         self.inference_count += rows
         self.execution_count += 1
         self.success_count += 1
         self.success_ns += done_ns - started_ns
+        self.queue_ns += queued_ns
         self.input_ns += input_done_ns - started_ns
-        self.infer_ns += infer_done_ns - input_done_ns
+        self.infer_ns += infer_done_ns - input_done_ns - queued_ns
         self.output_ns += done_ns - infer_done_ns
         self.last_inference_ms = time.time_ns() // 1_000_000
 
@@ -102,6 +106,24 @@ class PipelineStats:
         self.fail_count += 1
         self.fail_ns += done_ns - started_ns
         self.last_inference_ms = time.time_ns() // 1_000_000
+
+
+#: how long the current request waited for a folded run (``gateway.batching``), in ns
+_WAITED_NS: contextvars.ContextVar[int] = contextvars.ContextVar("sluice_batch_waited_ns", default=0)
+
+
+def waited(ns: int) -> None:
+    """The current request waited ``ns`` for a folded run (its ``queue`` statistic)."""
+    _WAITED_NS.set(ns)
+
+
+def take_waited() -> int:
+    """The wait ``waited`` noted for the request this task answers, cleared for the task's
+    next request (a stream's)."""
+    ns = _WAITED_NS.get()
+    if ns:
+        _WAITED_NS.set(0)
+    return ns
 
 
 def answered(pipeline, status: int, started_ns: int, marks: tuple[int, int] | None = None, rows: int = 0) -> None:
@@ -112,7 +134,8 @@ def answered(pipeline, status: int, started_ns: int, marks: tuple[int, int] | No
     done = time.perf_counter_ns()
     requests(pipeline.name, status).inc()
     request_seconds(pipeline.name).observe((done - started_ns) / 1e9)
+    queued = take_waited()  # cleared whatever the answer, for the task's next request
     if status == 200 and marks is not None:
-        pipeline.stats.success(rows, started_ns, marks[0], marks[1], done)
+        pipeline.stats.success(rows, started_ns, marks[0], marks[1], done, queued)
     else:
         pipeline.stats.failure(started_ns, done)

@@ -222,7 +222,7 @@ def _statistics(pipeline: CompiledPipeline) -> pb.ModelStatistics:
     stats = out.inference_stats
     stats.success.count, stats.success.ns = s.success_count, s.success_ns
     stats.fail.count, stats.fail.ns = s.fail_count, s.fail_ns
-    stats.queue.count = s.success_count  # the gateway queues nothing: 0 ns
+    stats.queue.count, stats.queue.ns = s.success_count, s.queue_ns
     stats.compute_input.count, stats.compute_input.ns = s.success_count, s.input_ns
     stats.compute_infer.count, stats.compute_infer.ns = s.success_count, s.infer_ns
     stats.compute_output.count, stats.compute_output.ns = s.success_count, s.output_ns

@@ -15,7 +15,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from gateway import graph, served_by
+from gateway import graph, metrics, served_by
 from gateway.batching import Batcher, BatchSettings, FoldError, cut, cut_tensor, fold, signature
 from gateway.pipelines import plain_traffic
 from gateway.executor import Executor, StageFailed
@@ -126,11 +126,16 @@ def _picky(root, name: str = "picky", given: str = "x", gives: str = "y") -> _Pi
 PLAN = PipelinePlan("p", 1, "http", (StagePlan("rt/picky", "rt", "picky", "", route_key("p", 1, 0), 5000, (X,), (Y,)),))
 
 
+#: each request's rows and how long it waited for a folded run (``metrics.take_waited``), in ns
+waits: list[tuple[list[float], int]] = []
+
+
 async def _serve_concurrently(tmp_path, settings: BatchSettings, requests: list[list[float]], headers: dict | None = None):
     """Each request's rows through a Batcher over a real Executor, all at once; the
     answers (an array or the StageFailed), and the rows of each call the model got."""
     model = _picky(tmp_path)
     pipeline = compile_pipeline(PLAN, 0)
+    waits.clear()
     async with served(ModelSet([model]), kind="sleeper") as address:
         executor = Executor(PipelineTable(), address, 1 << 20)
         batcher = Batcher(executor.run, executor.table, settings, lambda p: True)
@@ -141,6 +146,8 @@ async def _serve_concurrently(tmp_path, settings: BatchSettings, requests: list[
                     answer = await batcher.run(pipeline, {"x": _raw(np.array(xs), "FP64")})
                 except StageFailed as exc:
                     return exc
+                finally:
+                    waits.append((xs, metrics.take_waited()))
                 return _array(answer["y"]).tolist()
 
         try:
@@ -158,6 +165,17 @@ def test_concurrent_requests_fold_into_runs_of_at_most_max_rows_and_each_gets_it
     assert max(calls) <= 5 and max(calls) > 2  # the others folded, within the cap
     assert sum(calls) == sum(len(xs) for xs in requests)  # each row ran once
     assert len(calls) < len(requests)
+
+
+def test_a_folded_request_notes_its_wait_for_the_oip_queue_statistic_and_one_run_at_once_none(tmp_path) -> None:
+    requests = [[float(i)] for i in range(6)]
+    asyncio.run(_serve_concurrently(tmp_path, BatchSettings(max_rows=64, max_runs=1), requests))
+    waited = dict((xs[0], ns) for xs, ns in waits)
+    assert waited[0.0] == 0  # ran at once, alone
+    assert all(waited[x] > 0 for x in (1.0, 2.0, 3.0, 4.0, 5.0))  # queued behind it, then folded
+    stats = metrics.PipelineStats()
+    stats.success(1, 0, 10, 100, 120, queued_ns=30)
+    assert (stats.queue_ns, stats.input_ns, stats.infer_ns, stats.output_ns, stats.success_ns) == (30, 10, 60, 20, 120)
 
 
 def test_a_request_the_model_refuses_fails_alone_and_the_others_of_its_run_get_their_answers(tmp_path) -> None:
@@ -188,6 +206,7 @@ def test_requests_with_a_sampled_trace_never_fold(tmp_path) -> None:
     tracer = TracerProvider(sampler=ALWAYS_ON).get_tracer("test")
     model = _picky(tmp_path)
     pipeline = compile_pipeline(PLAN, 0)
+    waits.clear()
 
     async def scenario():
         async with served(ModelSet([model]), kind="sleeper") as address:

@@ -341,6 +341,7 @@ async def test_rest_infer_json_binary_gzip_and_stats(client):
     assert stats["inference_count"] == 6 and stats["execution_count"] == 3
     assert stats["inference_stats"]["success"]["count"] == 3 and stats["inference_stats"]["fail"]["count"] == 1
     assert stats["inference_stats"]["compute_infer"]["ns"] > 0 and stats["last_inference"] > 0
+    assert stats["inference_stats"]["queue"] == {"count": 3, "ns": 0}  # one at a time: none waited for a folded run
     assert (await client.get("/v2/models/stats")).json()["model_stats"][0]["name"] == "p"
 
 
