@@ -163,7 +163,8 @@ async def _runtime_out(control: ControlPlane, name: str) -> RuntimeOut:
     return RuntimeOut(
         name=name,
         kind=runtime.kind,
-        models=[ModelOut(name=m, **sig) for m, sig in sorted(runtime.models.items())],
+        models=[ModelOut(name=m, versions=list(served.versions), platform=served.platform, **served.signature.to_json())
+                for m, served in sorted(runtime.models.items())],
         instances=[
             InstanceOut(id=e.instance_id, host=e.host, port=e.port, healthy=ok, last_seen=seen.get(e.instance_id, time.time()))
             for e, ok in zip(endpoints, healthy)

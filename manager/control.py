@@ -66,6 +66,7 @@ from manager.registry.base import Endpoint, Registry
 from manager.resolve import resolve
 from manager.schemas import PipelineSpec, Registered, RuntimeRegistration
 from manager.settings import ManagerSettings
+from manager.served_models import ServedModel
 from manager.signatures import SignatureError, read_signatures
 from manager.store import PendingChange, PipelineRow, RuntimeRow, Store
 from manager.xds.layers import MeshLayers
@@ -693,7 +694,7 @@ class ControlPlane:
         self.store.put_runtime(runtime, row.kind, models)
         self.runtimes[runtime] = RuntimeRow(runtime, row.kind, models)
 
-    async def learn_runtime(self, name: str, kind: str, models: dict[str, dict]) -> None:
+    async def learn_runtime(self, name: str, kind: str, models: dict[str, ServedModel]) -> None:
         """Record a runtime's models and signatures (from registration or discovery)."""
         known = self.runtimes.get(name)
         if known is not None and known.kind == kind and known.models == models:

@@ -37,6 +37,7 @@ from manager.repository import RepositoryClient
 from manager import runtime_models
 from manager.runtime_models import LoadFailure
 from manager.schemas import LoadedModelOut, ModelInfo, ModelPolicyOut, ServedBy, UploadedModel
+from manager.served_models import ServedModel
 from manager.signatures import SignatureError, read_signatures
 from manager.store import LoadedModel
 from sluice.errors import ApiError
@@ -66,7 +67,7 @@ class ModelService:
             served_by = [
                 ServedBy(runtime=r.name, instances=len(endpoints.get(r.name, [])))
                 for r in sorted(self.control.runtimes.values(), key=lambda r: r.name)
-                if v["version"] in r.models.get(model["name"], {}).get("versions", [])
+                if v["version"] in r.versions_of(model["name"])
             ]
             versions.append({**v, "served_by": served_by})
         return ModelInfo(**{**model, "versions": versions})
@@ -88,7 +89,7 @@ class ModelService:
                 what = f"version {version} of model {name!r}" if version else f"model {name!r}"
                 raise ApiError(409, f"{what} is used by pipelines {', '.join(users)}", "model_in_use", model=name, version=version, pipelines=users)
             for runtime in sorted(self.control.runtimes.values(), key=lambda r: r.name):
-                loaded = runtime.models.get(name, {}).get("versions", [])
+                loaded = runtime.versions_of(name)
                 if (version is None and loaded) or version in loaded:
                     await self._unload(runtime.name, name, version)
             await self.repository.delete(name, version, authorization)
@@ -105,7 +106,7 @@ class ModelService:
         metadata = await self.repository.metadata(model, pinned)
         version = _checked_version(str(metadata["version"]))
         wanted = [version] if pinned else [_checked_version(v) for v in ModelPolicy.from_json(metadata).unpinned(version)]
-        served = set(self.control.runtimes[runtime].models.get(model, {}).get("versions", []))
+        served = set(self.control.runtimes[runtime].versions_of(model))
         loaded: list[str] = []
         for each in wanted:
             digests = (await self.digests.deployed(model, each)).as_dict()
@@ -120,7 +121,7 @@ class ModelService:
             self.control.store.put_loaded_model(LoadedModel(runtime, model, each))
         signature = await self._learn(runtime, model, endpoints)
         log.info("model %s version(s) %s loaded on runtime %s (%d instances)", model, ", ".join(loaded), runtime, len(endpoints))
-        return LoadedModelOut(runtime=runtime, model=model, version=version, instances=len(endpoints), **signature)
+        return LoadedModelOut(runtime=runtime, model=model, version=version, instances=len(endpoints), **signature.to_json())
 
     async def set_policy(self, name: str, body: Any, authorization: str = "") -> ModelPolicyOut:
         """Set the model's version policy in the repository (checked there); it reaches a
@@ -139,10 +140,10 @@ class ModelService:
         version = _checked_version(version)
         async with self.control.lock:
             known = self.control.runtimes.get(runtime)
-            versions = (known.models.get(model, {}).get("versions", []) if known else [])
+            versions = (known.versions_of(model) if known else ())
             if not versions or (version is not None and version not in versions):
                 what = f"version {version} of model {model!r}" if version else f"model {model!r}"
-                raise ApiError(404, f"runtime {runtime!r} does not serve {what}", "not_found", runtime=runtime, model=model, versions=versions)
+                raise ApiError(404, f"runtime {runtime!r} does not serve {what}", "not_found", runtime=runtime, model=model, versions=list(versions))
             users = self._users(model, version, runtime)
             if users:
                 raise ApiError(409, f"model {model!r} on runtime {runtime!r} is used by pipelines {', '.join(users)}", "model_in_use", runtime=runtime, model=model, version=version, pipelines=users)
@@ -156,7 +157,7 @@ class ModelService:
         for loaded in self.control.store.loaded_models(runtime):
             if loaded.model == model and version in (None, loaded.version):
                 self.control.store.delete_loaded_model(loaded)
-        versions = self.control.runtimes[runtime].models.get(model, {}).get("versions", [])
+        versions = self.control.runtimes[runtime].versions_of(model)
         if version is None or set(versions) <= {version}:
             self.control.forget_model(runtime, model)
         else:
@@ -170,7 +171,7 @@ class ModelService:
             raise ApiError(503, f"runtime {runtime!r} has no live instance to load onto", "no_instances", runtime=runtime)
         return endpoints
 
-    async def _learn(self, runtime: str, model: str, endpoints: list[Endpoint]) -> dict[str, Any]:
+    async def _learn(self, runtime: str, model: str, endpoints: list[Endpoint]) -> ServedModel:
         """Read the model's signature from an instance and record it with the runtime."""
         first = endpoints[0]
         try:
@@ -190,7 +191,7 @@ class ModelService:
                     if stage.model != model or (runtime and stage.runtime != runtime):
                         continue
                     served = self.control.runtimes.get(stage.runtime)
-                    loaded = served.models.get(model, {}).get("versions", []) if served else []
+                    loaded = served.versions_of(model) if served else ()
                     if version is None or stage.version == version or (not stage.version and set(loaded) <= {version}):
                         users.add(name)
         return sorted(users)

@@ -20,10 +20,8 @@ with a 422 that names the stage, the tensor and the mismatch.
 
 from __future__ import annotations
 
-from typing import Any
-
 from manager.schemas import PipelineSpec, StageSpec
-from manager.signatures import signature_for
+from manager.served_models import Signature
 from manager.store import RuntimeRow
 from manager.traffic_spec import resolve_traffic
 from sluice.errors import ApiError
@@ -40,7 +38,7 @@ def resolve(spec: PipelineSpec, revision: int, runtimes: dict[str, RuntimeRow], 
     stages: list[StagePlan] = []
     for index, stage in enumerate(spec.stage_list()):
         signature = _signature(index, stage, runtimes)
-        inputs, outputs = _tensors(signature["inputs"]), _tensors(signature["outputs"])
+        inputs, outputs = signature.inputs, signature.outputs
         bindings = _bindings(index, stage, inputs, stages[-1]) if stages else ()
         stages.append(stage_plan(spec, revision, index, stage, runtimes, default_timeout_ms, inputs, outputs, bindings))
     rate_limit = spec.rate_limit.plan() if spec.rate_limit is not None else None
@@ -78,7 +76,7 @@ def is_graph(spec: PipelineSpec) -> bool:
 def stage_signature(index: int, stage: StageSpec, runtimes: dict[str, RuntimeRow]) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """The stage's model's inputs and outputs (422 for an unknown runtime, model or version)."""
     signature = _signature(index, stage, runtimes)
-    return _tensors(signature["inputs"]), _tensors(signature["outputs"])
+    return signature.inputs, signature.outputs
 
 
 def check_compatible(index: int, stage: StageSpec, wanted: TensorSpec, given: TensorSpec) -> None:
@@ -86,11 +84,7 @@ def check_compatible(index: int, stage: StageSpec, wanted: TensorSpec, given: Te
     _check_compatible(index, stage, wanted, given)
 
 
-def _tensors(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(t["name"], t["datatype"], tuple(t["shape"])) for t in items)
-
-
-def _signature(index: int, stage: StageSpec, runtimes: dict[str, RuntimeRow]) -> dict[str, Any]:
+def _signature(index: int, stage: StageSpec, runtimes: dict[str, RuntimeRow]) -> Signature:
     runtime = runtimes.get(stage.runtime)
     if runtime is None:
         raise ApiError(
@@ -112,7 +106,7 @@ def _signature(index: int, stage: StageSpec, runtimes: dict[str, RuntimeRow]) ->
             model=stage.model,
             known=sorted(runtime.models),
         )
-    versions = model.get("versions") or []
+    versions = model.versions
     if stage.version and versions and stage.version not in versions:
         raise ApiError(
             422,
@@ -120,9 +114,9 @@ def _signature(index: int, stage: StageSpec, runtimes: dict[str, RuntimeRow]) ->
             "unknown_version",
             stage=index,
             model=stage.model,
-            versions=versions,
+            versions=list(versions),
         )
-    return signature_for(model, stage.version or "")
+    return model.signature_of(stage.version or "")
 
 
 def _bindings(index: int, stage: StageSpec, inputs: tuple[TensorSpec, ...], previous: StagePlan) -> tuple[Binding, ...]:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from manager.served_models import ServedModel, models_from_json, models_to_json
 from sluice.plan import Binding, PipelinePlan, StagePlan
 from sluice.plan_proto import from_bytes, to_bytes
 from sluice.tensors import TensorSpec
@@ -140,7 +141,12 @@ class PendingChange:
 class RuntimeRow:
     name: str
     kind: str
-    models: dict[str, dict[str, Any]]
+    models: dict[str, ServedModel]
+
+    def versions_of(self, model: str) -> tuple[str, ...]:
+        """The versions of ``model`` this runtime has loaded (none: it does not serve it)."""
+        served = self.models.get(model)
+        return served.versions if served is not None else ()
 
 
 @dataclass(frozen=True, order=True)
@@ -377,15 +383,15 @@ class Store:
     # --- runtimes and instances
     def runtimes(self) -> list[RuntimeRow]:
         rows = self._db.execute("SELECT name, kind, models FROM runtimes ORDER BY name").fetchall()
-        return [RuntimeRow(n, k, json.loads(m)) for n, k, m in rows]
+        return [RuntimeRow(n, k, models_from_json(json.loads(m))) for n, k, m in rows]
 
-    def put_runtime(self, name: str, kind: str, models: dict[str, dict]) -> None:
+    def put_runtime(self, name: str, kind: str, models: dict[str, ServedModel]) -> None:
         with self._transaction():
             self._db.execute(
                 """INSERT INTO runtimes (name, kind, models, updated_at) VALUES (?, ?, ?, ?)
                    ON CONFLICT(name) DO UPDATE SET kind=excluded.kind, models=excluded.models,
                      updated_at=excluded.updated_at""",
-                (name, kind, json.dumps(models), time.time()),
+                (name, kind, json.dumps(models_to_json(models)), time.time()),
             )
 
     def instances(self) -> list[InstanceRow]:

@@ -39,6 +39,7 @@ import psycopg
 from manager.store import (
     InstanceRow, LoadedModel, PendingChange, PendingPut, PipelineRow, RecordedDigests, RecordedFile, RuntimeRow, TokenRow,
 )
+from manager.served_models import ServedModel, models_from_json, models_to_json
 from sluice.plan import PipelinePlan
 from sluice.plan_proto import from_bytes
 
@@ -323,14 +324,14 @@ class PgStore:
 
     # --- runtimes and instances
     def runtimes(self) -> list[RuntimeRow]:
-        return [RuntimeRow(n, k, json.loads(m)) for n, k, m in self._query("SELECT name, kind, models FROM runtimes ORDER BY name")]
+        return [RuntimeRow(n, k, models_from_json(json.loads(m))) for n, k, m in self._query("SELECT name, kind, models FROM runtimes ORDER BY name")]
 
-    def put_runtime(self, name: str, kind: str, models: dict[str, dict]) -> None:
+    def put_runtime(self, name: str, kind: str, models: dict[str, ServedModel]) -> None:
         with self._transaction():
             self._db.execute(
                 """INSERT INTO runtimes (name, kind, models, updated_at) VALUES (%s, %s, %s, %s)
                    ON CONFLICT (name) DO UPDATE SET kind=excluded.kind, models=excluded.models, updated_at=excluded.updated_at""",
-                (name, kind, json.dumps(models), _now()),
+                (name, kind, json.dumps(models_to_json(models)), _now()),
             )
 
     def instances(self) -> list[InstanceRow]:

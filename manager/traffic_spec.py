@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from manager.json_types import json_int
-from manager.signatures import signature_for
+from manager.served_models import Signature
 from sluice.errors import ApiError
+from sluice.tensors import TensorSpec
 from sluice.traffic import CircuitBreaker, Mirror, OutlierPolicy, RateLimit, RetryPolicy, StageTraffic, Variant
 
 if TYPE_CHECKING:
@@ -136,14 +137,15 @@ def resolve_traffic(index: int, stage: Any, runtimes: dict[str, "RuntimeRow"]) -
     """A stage definition's traffic fields (``StageTrafficFields``) as the plan's value;
     ``stage`` also has ``runtime``, ``model``, ``version`` and ``label``."""
     base_version = stage.version or ""
-    base = signature_for(runtimes[stage.runtime].models[stage.model], base_version)  # resolve checked both
+    base = runtimes[stage.runtime].models[stage.model].signature_of(base_version)  # resolve checked both
     variants: tuple[Variant, ...] = ()
     if stage.traffic:
         variants = tuple(Variant(v.runtime or stage.runtime, v.version or base_version, v.weight) for v in stage.traffic)
         for n, variant in enumerate(variants):
             served = _check_serves(index, stage, f"traffic[{n}]", variant.runtime, variant.version, runtimes)
-            for side in ("inputs", "outputs"):  # a variant answers in the stage's place: the same tensors
-                _check_same(index, stage, f"traffic[{n}]", variant, side, served[side], base[side])
+            # a variant answers in the stage's place: the same tensors
+            _check_same(index, stage, f"traffic[{n}]", variant, "inputs", served.inputs, base.inputs)
+            _check_same(index, stage, f"traffic[{n}]", variant, "outputs", served.outputs, base.outputs)
         if sum(v.weight for v in variants) <= 0:
             raise _refused(index, stage, "traffic", "the traffic weights add up to 0")
         if len({(v.runtime, v.version) for v in variants}) != len(variants):
@@ -154,7 +156,7 @@ def resolve_traffic(index: int, stage: Any, runtimes: dict[str, "RuntimeRow"]) -
         mirror = Mirror(m.runtime or stage.runtime, m.version or base_version, m.percent)
         served = _check_serves(index, stage, "mirror", mirror.runtime, mirror.version, runtimes)
         # a mirror gets the stage's request; its answer goes nowhere, so it may give other outputs
-        _check_same(index, stage, "mirror", mirror, "inputs", served["inputs"], base["inputs"])
+        _check_same(index, stage, "mirror", mirror, "inputs", served.inputs, base.inputs)
     if stage.sticky and len(variants) < 2:
         raise _refused(index, stage, "sticky", "'sticky' keeps a key on one variant of a split: give 'traffic' two entries or more")
     retry = None
@@ -173,7 +175,7 @@ def resolve_traffic(index: int, stage: Any, runtimes: dict[str, "RuntimeRow"]) -
     )
 
 
-def _check_serves(index: int, stage: Any, field: str, runtime: str, version: str, runtimes: dict[str, "RuntimeRow"]) -> dict[str, Any]:
+def _check_serves(index: int, stage: Any, field: str, runtime: str, version: str, runtimes: dict[str, "RuntimeRow"]) -> Signature:
     """The signature of the version of the stage's model that ``runtime`` serves."""
     row = runtimes.get(runtime)
     if row is None:
@@ -181,21 +183,23 @@ def _check_serves(index: int, stage: Any, field: str, runtime: str, version: str
     model = row.models.get(stage.model)
     if model is None:
         raise _refused(index, stage, field, f"runtime {runtime!r} serves no model {stage.model!r}", runtime=runtime)
-    versions = model.get("versions") or []
-    if version and versions and version not in versions:
-        raise _refused(index, stage, field, f"runtime {runtime!r} has no version {version!r} of {stage.model!r}", runtime=runtime, versions=versions)
-    return signature_for(model, version)
+    if version and model.versions and version not in model.versions:
+        raise _refused(index, stage, field, f"runtime {runtime!r} has no version {version!r} of {stage.model!r}",
+                       runtime=runtime, versions=list(model.versions))
+    return model.signature_of(version)
 
 
-def _check_same(index: int, stage: Any, field: str, variant: Variant | Mirror, side: str, got: list, want: list) -> None:
+def _check_same(index: int, stage: Any, field: str, variant: Variant | Mirror, side: str,
+                got: tuple[TensorSpec, ...], want: tuple[TensorSpec, ...]) -> None:
     if got != want:
         where = f"runtime {variant.runtime!r}" + (f" version {variant.version!r}" if variant.version else "")
         raise _refused(index, stage, field, f"{where} of {stage.model!r} has other {side} than the stage: {_names(got)} against {_names(want)}",
-                       runtime=variant.runtime, version=variant.version, **{side: got, "stage_" + side: want})
+                       runtime=variant.runtime, version=variant.version,
+                       **{side: [t.as_dict() for t in got], "stage_" + side: [t.as_dict() for t in want]})
 
 
-def _names(tensors: list[dict]) -> str:
-    return ", ".join(f"{t['name']} {t['datatype']}{list(t['shape'])}" for t in tensors) or "none"
+def _names(tensors: tuple[TensorSpec, ...]) -> str:
+    return ", ".join(f"{t.name} {t.datatype}{list(t.shape)}" for t in tensors) or "none"
 
 
 def _refused(index: int, stage: Any, field: str, why: str, **details: Any) -> ApiError:

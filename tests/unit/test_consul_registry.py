@@ -358,7 +358,7 @@ async def test_manager_learns_signatures_of_a_discovered_runtime(fake: FakeConsu
         await until(lambda: "echoes" in control.runtimes, what="runtime learned")
         row = control.runtimes["echoes"]
         assert row.kind == "python"
-        assert row.models["echo"]["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
+        assert row.models["echo"].signature.inputs == (TensorSpec("x", "FP32", (-1, 4)),)
         assignment = ClusterLoadAssignment.FromString(control.layers.endpoints.items[runtime_cluster("echoes")].body.value)
         addresses = [e.endpoint.address.socket_address for e in assignment.endpoints[0].lb_endpoints]
         assert [(a.address, a.port_value) for a in addresses] == [("127.0.0.1", port)]

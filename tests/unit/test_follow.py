@@ -21,6 +21,7 @@ import pytest
 from manager.control import ControlPlane
 from manager.registry.embedded import EmbeddedRegistry
 from manager.schemas import PipelineSpec
+from manager.served_models import models_from_json
 from manager.settings import ManagerSettings
 from sluice.errors import ApiError
 from sluice.local import postgres
@@ -28,10 +29,10 @@ from tests.unit.test_store import definition, make_plan
 
 store_pg = pytest.importorskip("manager.store_pg")
 
-MODELS = {
+MODELS = models_from_json({
     "scaler": {"versions": ["1"], "platform": "test", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
                "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]},
-}
+})
 
 
 @pytest.fixture

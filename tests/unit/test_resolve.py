@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from manager.resolve import resolve
 from manager.schemas import PipelineSpec, StageSpec, parse_chain_entry
+from manager.served_models import ServedModel
 from manager.store import RuntimeRow
 from sluice.errors import ApiError
 from sluice.plan import Binding, PipelinePlan, StagePlan
@@ -23,8 +24,8 @@ def _t(name: str, datatype: str, *shape: int) -> dict:
     return {"name": name, "datatype": datatype, "shape": list(shape)}
 
 
-def _model(inputs: list[dict], outputs: list[dict], versions: list[str] | None = None) -> dict:
-    return {"versions": versions if versions is not None else ["1"], "platform": "test", "inputs": inputs, "outputs": outputs}
+def _model(inputs: list[dict], outputs: list[dict], versions: list[str] | None = None) -> ServedModel:
+    return ServedModel.from_json({"versions": versions if versions is not None else ["1"], "platform": "test", "inputs": inputs, "outputs": outputs})
 
 
 RUNTIMES = {

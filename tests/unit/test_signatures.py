@@ -4,9 +4,12 @@ unpinned signature and, when it has several versions loaded, each version's."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from manager.signatures import read_from, signature_for
+from manager.served_models import models_from_json, models_to_json
+from manager.signatures import read_from
 from runtimes.sdk.model import Model, ModelArtifact
 from runtimes.sdk.models import ModelSet
 from sluice.tensors import TensorSpec
@@ -39,18 +42,24 @@ async def stub():
         yield stub
 
 
-def names(signature: dict, side: str) -> list[str]:
-    return [t["name"] for t in signature[side]]
+def names(tensors) -> list[str]:
+    return [t.name for t in tensors]
 
 
 async def test_each_loaded_version_of_a_model_has_its_signature_read(stub) -> None:
     read = await read_from(stub, [], timeout_s=5)
     assert sorted(read) == ["classifier", "scaler"]
     classifier = read["classifier"]
-    assert classifier["versions"] == ["1", "2"]
-    assert names(classifier, "outputs") == ["probabilities"]  # unpinned: the highest loaded answers
-    assert {v: names(s, "outputs") for v, s in classifier["by_version"].items()} == {"1": ["label"], "2": ["probabilities"]}
-    assert names(signature_for(classifier, "1"), "outputs") == ["label"]
-    assert signature_for(classifier, "") is classifier
+    assert classifier.versions == ("1", "2")
+    assert names(classifier.signature.outputs) == ["probabilities"]  # unpinned: the highest loaded answers
+    assert {v: names(s.outputs) for v, s in classifier.by_version.items()} == {"1": ["label"], "2": ["probabilities"]}
+    assert names(classifier.signature_of("1").outputs) == ["label"]
+    assert classifier.signature_of("") == classifier.signature
     # one version only: nothing more to read
-    assert "by_version" not in read["scaler"] and signature_for(read["scaler"], "1") is read["scaler"]
+    assert read["scaler"].by_version == {} and read["scaler"].signature_of("1") == read["scaler"].signature
+
+
+async def test_what_a_runtime_serves_survives_its_json_form(stub) -> None:
+    """As the stores keep it (``ServedModel.to_json``, one JSON column in both backends)."""
+    read = await read_from(stub, [], timeout_s=5)
+    assert models_from_json(json.loads(json.dumps(models_to_json(read)))) == read

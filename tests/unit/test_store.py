@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import manager.store as store_module
+from manager.served_models import models_from_json
 from manager.store import SCHEMA_VERSION, InstanceRow, LoadedModel, PipelineRow, Store
 from sluice.plan import Binding, PipelinePlan, StagePlan
 from sluice.tensors import TensorSpec
@@ -250,7 +251,9 @@ def test_a_new_file_is_at_the_current_schema_version(db: Path) -> None:
 
 def test_runtimes_round_trip_and_replace(open_store: Opener) -> None:
     store = open_store()
-    models = {"iris": {"versions": ["1"], "platform": "sklearn", "inputs": [], "outputs": []}}
+    models = models_from_json({"iris": {"versions": ["1", "2"], "platform": "sklearn",
+                                        "inputs": [{"name": "x", "datatype": "FP64", "shape": [-1, 4]}], "outputs": [],
+                                        "by_version": {"1": {"inputs": [], "outputs": []}}}})
     store.put_runtime("scikit", "oip", models)
     store.put_runtime("spark", "oip", {})
     store.close()
@@ -354,7 +357,7 @@ def test_version_0_database_is_migrated_to_plans(db: Path) -> None:
     assert rows["other"].plan.transport == "grpc"  # from the definition's transportType
     assert rows["other"].plan.stages[0].route == "other.r1.s0"
     # the other tables are untouched
-    assert [(r.name, r.kind, r.models) for r in store.runtimes()] == [("scikit", "oip", {"iris": {"versions": ["1"]}})]
+    assert [(r.name, r.kind, r.models) for r in store.runtimes()] == [("scikit", "oip", models_from_json({"iris": {"versions": ["1"]}}))]
     store.close()
 
     # reopened: already at version 1, nothing migrated twice, same plans

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from manager.served_models import models_from_json
 from manager.store import RecordedFile
 from sluice.local import postgres
 from tests.unit.test_store import definition, make_plan
@@ -75,7 +76,7 @@ def test_a_database_at_the_previous_version_is_migrated_and_keeps_its_rows(url: 
     assert "change_phases" not in tables(url)  # the last migration's table
     store = open_store(url, stores)
     assert versions(url) == sorted(store_pg.MIGRATIONS)
-    assert [(r.name, r.kind, r.models) for r in store.runtimes()] == [("scikit", "oip", {"iris": {}})]
+    assert [(r.name, r.kind, r.models) for r in store.runtimes()] == [("scikit", "oip", models_from_json({"iris": {}}))]
     store.begin_change([(definition("a"), make_plan("a", 1))], [])  # the version-2 table works
     assert store.pending_change().names == {"a"}
 

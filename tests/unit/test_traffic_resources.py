@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from manager.resolve import resolve
 from manager.schemas import PipelineSpec
+from manager.served_models import models_from_json
 from manager.store import RuntimeRow
 from manager.xds.layers import MeshLayers
 from manager.xds.resources import CLUSTER, ENDPOINT, MeshSettings, NodeInfo, pipeline_scope_resource, retry_policy
@@ -31,9 +32,9 @@ def _t(name: str, datatype: str, *shape: int) -> dict:
 SCALER = {"versions": ["1"], "inputs": [_t("x", "FP64", -1)], "outputs": [_t("features", "FP64", -1, 4)]}
 CLASSIFIER = {"versions": ["1", "2"], "inputs": [_t("features", "FP64", -1, 4)], "outputs": [_t("label", "BYTES", -1)]}
 RUNTIMES = {
-    "scikit": RuntimeRow("scikit", "oip", {"iris_scaler": SCALER, "iris_classifier": CLASSIFIER}),
-    "canary": RuntimeRow("canary", "oip", {"iris_classifier": {**CLASSIFIER, "versions": ["1"]}}),
-    "shadow": RuntimeRow("shadow", "oip", {"iris_classifier": {**CLASSIFIER, "versions": ["3"]}}),
+    "scikit": RuntimeRow("scikit", "oip", models_from_json({"iris_scaler": SCALER, "iris_classifier": CLASSIFIER})),
+    "canary": RuntimeRow("canary", "oip", models_from_json({"iris_classifier": {**CLASSIFIER, "versions": ["1"]}})),
+    "shadow": RuntimeRow("shadow", "oip", models_from_json({"iris_classifier": {**CLASSIFIER, "versions": ["3"]}})),
 }
 
 
@@ -274,14 +275,14 @@ def test_stage_calls_forward_only_the_pin_and_the_sticky_key_and_never_the_marke
 #: version 3 takes 3 features
 PROBABILITIES = [_t("probabilities", "FP64", -1, 3)]
 VERSIONED = {
-    "scikit": RuntimeRow("scikit", "oip", {
+    "scikit": RuntimeRow("scikit", "oip", models_from_json({
         "iris_scaler": SCALER,
         "iris_classifier": {**CLASSIFIER, "versions": ["1", "2", "3"], "by_version": {
             "1": {"inputs": CLASSIFIER["inputs"], "outputs": CLASSIFIER["outputs"]},
             "2": {"inputs": CLASSIFIER["inputs"], "outputs": PROBABILITIES},
             "3": {"inputs": [_t("features", "FP64", -1, 3)], "outputs": CLASSIFIER["outputs"]},
         }},
-    }),
+    })),
 }
 
 
