@@ -28,17 +28,23 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from manager.served_models import ServedModel, models_from_json, models_to_json
+from manager.store_rows import (
+    InstanceRow, LoadedModel, PendingChange, PendingPut, PipelineRow, RecordedDigests, RecordedFile, RuntimeRow, TokenRow,
+)
+from manager.store_sql import SqlStore
 from sluice.plan import Binding, PipelinePlan, StagePlan
-from sluice.plan_proto import from_bytes, to_bytes
+from sluice.plan_proto import to_bytes
 from sluice.tensors import TensorSpec
+
+# the rows are imported from here too
+__all__ = [
+    "SCHEMA_VERSION", "Store", "InstanceRow", "LoadedModel", "PendingChange", "PendingPut", "PipelineRow",
+    "RecordedDigests", "RecordedFile", "RuntimeRow", "TokenRow",
+]
 
 #: the schema this code writes; see _migrate for the older ones it reads
 SCHEMA_VERSION = 4
@@ -101,113 +107,9 @@ CREATE TABLE IF NOT EXISTS tokens (  -- schema version 3: API tokens, never thei
 """
 
 
-@dataclass(frozen=True)
-class PipelineRow:
-    definition: dict[str, Any]
-    plan: PipelinePlan
-    created_at: float
-    updated_at: float
+class Store(SqlStore):
+    """The embedded store: one SQLite file (the queries are ``manager.store_sql``'s)."""
 
-    @property
-    def name(self) -> str:
-        return self.plan.name
-
-    @property
-    def revision(self) -> int:
-        return self.plan.revision
-
-
-@dataclass(frozen=True)
-class PendingPut:
-    """A pipeline a change under way creates (``old`` None) or replaces."""
-
-    old: PipelineRow | None
-    new: PipelineRow
-
-
-@dataclass(frozen=True)
-class PendingChange:
-    """The change a manager had begun and not finished (read on start-up)."""
-
-    puts: tuple[PendingPut, ...]
-    deletes: tuple[PipelineRow, ...]
-
-    @property
-    def names(self) -> set[str]:
-        return {p.new.name for p in self.puts} | {r.name for r in self.deletes}
-
-
-@dataclass(frozen=True)
-class RuntimeRow:
-    name: str
-    kind: str
-    models: dict[str, ServedModel]
-
-    def versions_of(self, model: str) -> tuple[str, ...]:
-        """The versions of ``model`` this runtime has loaded (none: it does not serve it)."""
-        served = self.models.get(model)
-        return served.versions if served is not None else ()
-
-
-@dataclass(frozen=True, order=True)
-class LoadedModel:
-    """A model version loaded onto a runtime through the API (re-loaded on every new instance)."""
-
-    runtime: str
-    model: str
-    version: str
-
-
-@dataclass(frozen=True)
-class RecordedFile:
-    path: str
-    sha256: str
-    size: int
-
-
-@dataclass(frozen=True)
-class RecordedDigests:
-    """A deployed model version's files as the manager recorded them (never changed afterwards)."""
-
-    model: str
-    version: str
-    files: tuple[RecordedFile, ...]
-    recorded_at: float
-
-    def as_dict(self) -> dict[str, str]:
-        """``{path: sha256}``, what a runtime checks each file against."""
-        return {f.path: f.sha256 for f in self.files}
-
-
-@dataclass(frozen=True)
-class InstanceRow:
-    id: str
-    runtime: str
-    host: str
-    port: int
-    last_seen: float
-    #: the IP address ``host`` resolved to at registration (what Envoy and the manager dial)
-    ip: str = ""
-    #: the id of the token that registered the instance (secure mode); None in dev mode
-    token_id: str | None = None
-
-    @property
-    def address(self) -> str:
-        return self.ip or self.host
-
-
-@dataclass(frozen=True)
-class TokenRow:
-    """An API token as the store keeps it: never the token itself."""
-
-    id: str
-    scopes: tuple[str, ...]
-    created_at: float
-    expires_at: float
-    revoked_at: float | None = None
-
-
-class Store:
     def __init__(self, path: str | Path):
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -266,237 +168,15 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-    # --- pipelines (rows a change under way deletes are hidden: they are gone in its new state)
-    _LIVE = "NOT EXISTS (SELECT 1 FROM pipeline_changes c WHERE c.name = pipelines.name AND c.action = 'delete')"
+    # --- what SqlStore runs its queries with
+    def _query(self, sql: str, params: tuple | list = ()) -> list[tuple]:
+        return self._db.execute(sql, params).fetchall()
 
-    def pipelines(self) -> list[PipelineRow]:
-        rows = self._db.execute(f"SELECT definition, plan, created_at, updated_at FROM pipelines WHERE {self._LIVE} ORDER BY name").fetchall()
-        return [self._pipeline(r) for r in rows]
+    def _execute(self, sql: str, params: tuple | list = ()) -> int:
+        return self._db.execute(sql, params).rowcount
 
-    def pipeline(self, name: str) -> PipelineRow | None:
-        row = self._db.execute(
-            f"SELECT definition, plan, created_at, updated_at FROM pipelines WHERE name = ? AND {self._LIVE}", (name,)
-        ).fetchone()
-        return self._pipeline(row) if row else None
-
-    def put_pipeline(self, definition: dict, plan: PipelinePlan) -> PipelineRow:
-        (row,) = self.put_pipelines([(definition, plan)])
-        return row
-
-    def put_pipelines(self, items: list[tuple[dict, PipelinePlan]]) -> list[PipelineRow]:
-        """Create or replace pipelines, all in one transaction."""
-        with self._transaction():
-            return self._put(items)
-
-    def _put(self, items: list[tuple[dict, PipelinePlan]]) -> list[PipelineRow]:
-        now = time.time()
-        self._db.executemany(
-            """INSERT INTO pipelines (name, revision, definition, plan, created_at, updated_at)
-               VALUES (?, ?, ?, ?, ?, ?)
-               ON CONFLICT(name) DO UPDATE SET revision=excluded.revision,
-                 definition=excluded.definition, plan=excluded.plan, updated_at=excluded.updated_at""",
-            [(plan.name, plan.revision, json.dumps(definition), to_bytes(plan), now, now) for definition, plan in items],
-        )
-        created = dict(
-            self._db.execute(
-                f"SELECT name, created_at FROM pipelines WHERE name IN ({','.join('?' * len(items))})",
-                [plan.name for _, plan in items],
-            ).fetchall()
-        ) if items else {}
-        return [PipelineRow(definition, plan, created[plan.name], now) for definition, plan in items]
-
-    def delete_pipeline(self, name: str) -> bool:
-        return self.delete_pipelines([name]) > 0
-
-    def delete_pipelines(self, names: list[str]) -> int:
-        """Delete pipelines in one transaction; how many existed."""
-        with self._transaction():
-            return sum(self._db.execute("DELETE FROM pipelines WHERE name = ?", (n,)).rowcount for n in names)
-
-    # --- a pipeline change in steps: begin (intent + new state), then finish or abort
-    def begin_change(self, puts: list[tuple[dict, PipelinePlan]], deletes: list[str]) -> list[PipelineRow]:
-        """In one transaction: remember each touched pipeline's row as it is (the intent),
-        write the created and replaced rows, hide the deleted ones. One change at a time:
-        a change still pending (a crash before ``finish_change``) must be finished first."""
-        with self._transaction():
-            if self._db.execute("SELECT 1 FROM pipeline_changes LIMIT 1").fetchone() is not None:
-                raise RuntimeError("a pipeline change is already under way: finish or abort it first")
-            names = [plan.name for _, plan in puts]
-            if set(names) & set(deletes):
-                raise ValueError(f"pipelines both put and deleted: {sorted(set(names) & set(deletes))}")
-            for action, name in [*(("put", n) for n in names), *(("delete", n) for n in deletes)]:
-                self._db.execute(
-                    """INSERT INTO pipeline_changes (name, action, old_definition, old_plan, old_created_at, old_updated_at)
-                       SELECT ?, ?, p.definition, p.plan, p.created_at, p.updated_at
-                       FROM (SELECT 1) LEFT JOIN pipelines p ON p.name = ?""",
-                    (name, action, name),
-                )
-            return self._put(puts)
-
-    def finish_change(self) -> None:
-        """The change under way reached every step: drop the deleted rows and the intent."""
-        with self._transaction():
-            self._db.execute("DELETE FROM pipelines WHERE name IN (SELECT name FROM pipeline_changes WHERE action = 'delete')")
-            self._db.execute("DELETE FROM pipeline_changes")
-
-    def abort_change(self) -> None:
-        """The change under way was rolled back: every touched pipeline's previous row again."""
-        with self._transaction():
-            changes = self._db.execute(
-                "SELECT name, old_definition, old_plan, old_created_at, old_updated_at FROM pipeline_changes"
-            ).fetchall()
-            for name, definition, plan, created, updated in changes:
-                if plan is None:  # created by the change
-                    self._db.execute("DELETE FROM pipelines WHERE name = ?", (name,))
-                else:
-                    self._db.execute(
-                        "UPDATE pipelines SET revision = ?, definition = ?, plan = ?, created_at = ?, updated_at = ? WHERE name = ?",
-                        (from_bytes(plan).revision, definition, plan, created, updated, name),
-                    )
-            self._db.execute("DELETE FROM pipeline_changes")
-
-    def pending_change(self) -> PendingChange | None:
-        """The change begun and neither finished nor aborted (the manager was killed), if any."""
-        rows = self._db.execute(
-            """SELECT c.name, c.action, c.old_definition, c.old_plan, c.old_created_at, c.old_updated_at,
-                      p.definition, p.plan, p.created_at, p.updated_at
-               FROM pipeline_changes c LEFT JOIN pipelines p ON p.name = c.name ORDER BY c.name"""
-        ).fetchall()
-        if not rows:
-            return None
-        puts, deletes = [], []
-        for name, action, *rest in rows:
-            old = self._pipeline(tuple(rest[:4])) if rest[1] is not None else None
-            new = self._pipeline(tuple(rest[4:])) if rest[5] is not None else None
-            if action == "delete":
-                if old is not None:
-                    deletes.append(old)
-            elif new is not None:
-                puts.append(PendingPut(old, new))
-        return PendingChange(tuple(puts), tuple(deletes))
-
-    @staticmethod
-    def _pipeline(row: tuple) -> PipelineRow:
-        definition, plan, created, updated = row
-        return PipelineRow(json.loads(definition), from_bytes(plan), created, updated)
-
-    # --- runtimes and instances
-    def runtimes(self) -> list[RuntimeRow]:
-        rows = self._db.execute("SELECT name, kind, models FROM runtimes ORDER BY name").fetchall()
-        return [RuntimeRow(n, k, models_from_json(json.loads(m))) for n, k, m in rows]
-
-    def put_runtime(self, name: str, kind: str, models: dict[str, ServedModel]) -> None:
-        with self._transaction():
-            self._db.execute(
-                """INSERT INTO runtimes (name, kind, models, updated_at) VALUES (?, ?, ?, ?)
-                   ON CONFLICT(name) DO UPDATE SET kind=excluded.kind, models=excluded.models,
-                     updated_at=excluded.updated_at""",
-                (name, kind, json.dumps(models_to_json(models)), time.time()),
-            )
-
-    def instances(self) -> list[InstanceRow]:
-        rows = self._db.execute("SELECT id, runtime, host, port, last_seen, ip, token_id FROM instances").fetchall()
-        return [InstanceRow(*r) for r in rows]
-
-    def put_instance(self, inst: InstanceRow) -> None:
-        with self._transaction():
-            self._db.execute(
-                """INSERT INTO instances (id, runtime, host, port, last_seen, ip, token_id) VALUES (?, ?, ?, ?, ?, ?, ?)
-                   ON CONFLICT(id) DO UPDATE SET runtime=excluded.runtime, host=excluded.host,
-                     port=excluded.port, last_seen=excluded.last_seen, ip=excluded.ip, token_id=excluded.token_id""",
-                (inst.id, inst.runtime, inst.host, inst.port, inst.last_seen, inst.ip, inst.token_id),
-            )
-
-    def delete_instance(self, instance_id: str) -> None:
-        with self._transaction():
-            self._db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
-
-    # --- API tokens (ids, scopes, expiry, revocation; never the tokens themselves)
-    def tokens(self) -> list[TokenRow]:
-        rows = self._db.execute("SELECT id, scopes, created_at, expires_at, revoked_at FROM tokens ORDER BY created_at, id").fetchall()
-        return [TokenRow(i, tuple(json.loads(s)), c, e, r) for i, s, c, e, r in rows]
-
-    def token(self, token_id: str) -> TokenRow | None:
-        row = self._db.execute("SELECT id, scopes, created_at, expires_at, revoked_at FROM tokens WHERE id = ?", (token_id,)).fetchone()
-        return TokenRow(row[0], tuple(json.loads(row[1])), row[2], row[3], row[4]) if row else None
-
-    def put_token(self, row: TokenRow) -> None:
-        with self._transaction():
-            self._db.execute(
-                "INSERT INTO tokens (id, scopes, created_at, expires_at, revoked_at) VALUES (?, ?, ?, ?, ?)",
-                (row.id, json.dumps(list(row.scopes)), row.created_at, row.expires_at, row.revoked_at),
-            )
-
-    def revoke_token(self, token_id: str, at: float) -> bool:
-        """Mark a token revoked (the first time counts); False when there is no such token."""
-        with self._transaction():
-            cursor = self._db.execute("UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?", (at, token_id))
-        return cursor.rowcount > 0
-
-    def revoked_token_ids(self, now: float) -> list[str]:
-        """Revoked tokens that have not expired (an expired token fails on its own)."""
-        rows = self._db.execute("SELECT id FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > ? ORDER BY id", (now,))
-        return [r[0] for r in rows.fetchall()]
-
-    # --- model versions loaded onto runtimes through the API
-    def loaded_models(self, runtime: str | None = None) -> list[LoadedModel]:
-        if runtime is None:
-            rows = self._db.execute("SELECT runtime, model, version FROM runtime_models ORDER BY runtime, model, version")
-        else:
-            rows = self._db.execute(
-                "SELECT runtime, model, version FROM runtime_models WHERE runtime = ? ORDER BY model, version", (runtime,)
-            )
-        return [LoadedModel(*r) for r in rows.fetchall()]
-
-    def put_loaded_model(self, loaded: LoadedModel) -> None:
-        with self._transaction():
-            self._db.execute(
-                "INSERT OR IGNORE INTO runtime_models (runtime, model, version, loaded_at) VALUES (?, ?, ?, ?)",
-                (loaded.runtime, loaded.model, loaded.version, time.time()),
-            )
-
-    def delete_loaded_model(self, loaded: LoadedModel) -> None:
-        with self._transaction():
-            self._db.execute(
-                "DELETE FROM runtime_models WHERE runtime = ? AND model = ? AND version = ?",
-                (loaded.runtime, loaded.model, loaded.version),
-            )
-
-    # --- SHA-256 digests of deployed model versions (immutable once recorded)
-    def model_digests(self, model: str, version: str) -> RecordedDigests | None:
-        rows = self._db.execute(
-            "SELECT path, sha256, size, recorded_at FROM model_digests WHERE model = ? AND version = ? ORDER BY path",
-            (model, version),
-        ).fetchall()
-        if not rows:
-            return None
-        return RecordedDigests(model, version, tuple(RecordedFile(p, d, n) for p, d, n, _ in rows), rows[0][3])
-
-    def record_model_digests(self, model: str, version: str, files: list[RecordedFile]) -> RecordedDigests:
-        """Record a version's files unless it has a record already; the record that holds
-        (the first one: a recorded version's digests never change)."""
-        if not files:
-            raise ValueError(f"model {model!r} version {version}: no files to record")
-        with self._transaction():
-            if self._db.execute(
-                "SELECT 1 FROM model_digests WHERE model = ? AND version = ? LIMIT 1", (model, version)
-            ).fetchone() is None:
-                now = time.time()
-                self._db.executemany(
-                    "INSERT INTO model_digests (model, version, path, sha256, size, recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(model, version, f.path, f.sha256, f.size, now) for f in files],
-                )
-        recorded = self.model_digests(model, version)
-        assert recorded is not None
-        return recorded
-
-    def forget_model_digests(self, model: str, version: str | None = None) -> None:
-        """A version (or every version) deleted through the API: its number may be used again."""
-        with self._transaction():
-            if version is None:
-                self._db.execute("DELETE FROM model_digests WHERE model = ?", (model,))
-            else:
-                self._db.execute("DELETE FROM model_digests WHERE model = ? AND version = ?", (model, version))
+    def _executemany(self, sql: str, rows: list[tuple]) -> None:
+        self._db.executemany(sql, rows)
 
 
 def _plan_from_v0(name: str, revision: int, definition: dict, stages: list[dict]) -> PipelinePlan:

@@ -2,9 +2,10 @@
 (``SLUICE_MANAGER_DB_URL=postgresql://user@host:port/db``); the embedded SQLite store
 (``manager.store``) stays the default.
 
-The same methods and row types as ``manager.store.Store``, the same tables (``plan`` as
-BYTEA, times as DOUBLE PRECISION), the same change intent (``pipeline_changes``,
-``begin_change`` / ``finish_change`` / ``abort_change`` / ``pending_change``).
+The same queries as ``manager.store.Store`` (both are ``manager.store_sql.SqlStore``), the
+same row types and tables (``plan`` as BYTEA, times as DOUBLE PRECISION), the same
+change intent (``pipeline_changes``, ``begin_change`` / ``finish_change`` /
+``abort_change`` / ``pending_change``).
 
 Migrations are versioned: ``schema_migrations`` lists the versions applied; on open,
 the missing ones of ``MIGRATIONS`` run in one transaction under an advisory lock, so
@@ -23,6 +24,7 @@ PostgreSQL when the holder's connection dies, e.g. the manager was SIGKILLed).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -36,12 +38,8 @@ from dataclasses import asdict, dataclass
 
 import psycopg
 
-from manager.store import (
-    InstanceRow, LoadedModel, PendingChange, PendingPut, PipelineRow, RecordedDigests, RecordedFile, RuntimeRow, TokenRow,
-)
-from manager.served_models import ServedModel, models_from_json, models_to_json
-from sluice.plan import PipelinePlan
-from sluice.plan_proto import from_bytes
+from manager.store_rows import PipelineRow
+from manager.store_sql import SqlStore
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +149,6 @@ class PhaseAck:
 def default_manager_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
-_ROW = "definition, plan, created_at, updated_at"
-_LIVE = "NOT EXISTS (SELECT 1 FROM pipeline_changes c WHERE c.name = pipelines.name AND c.action = 'delete')"
 
 
 def migrate(conn: psycopg.Connection, target: int = SCHEMA_VERSION) -> list[int]:
@@ -178,7 +174,7 @@ def schema_version(conn: psycopg.Connection) -> int:
     return row[0] or 0
 
 
-class PgStore:
+class PgStore(SqlStore):
     """``manager.store.Store``'s interface on PostgreSQL; ``shared`` marks a store other
     managers write too (the control plane then follows ``watch()``)."""
 
@@ -198,10 +194,6 @@ class PgStore:
         with self._mutex, self._db.transaction():
             yield self._db
 
-    def _query(self, sql: str, params: tuple | list = ()) -> list[tuple]:
-        with self._mutex:
-            return self._db.execute(sql, params).fetchall()
-
     def health(self) -> str | None:
         try:
             self._query("SELECT count(*) FROM pipelines")
@@ -212,228 +204,38 @@ class PgStore:
     def close(self) -> None:
         self._db.close()
 
-    # --- pipelines
-    def pipelines(self) -> list[PipelineRow]:
-        return [self._pipeline(r) for r in self._query(f"SELECT {_ROW} FROM pipelines WHERE {_LIVE} ORDER BY name")]
+    # --- what SqlStore runs its queries with (written with ``?``: psycopg's placeholder is ``%s``)
+    def _query(self, sql: str, params: tuple | list = ()) -> list[tuple]:
+        with self._mutex:
+            return self._db.execute(_pg(sql), params).fetchall()
 
-    def pipeline(self, name: str) -> PipelineRow | None:
-        rows = self._query(f"SELECT {_ROW} FROM pipelines WHERE name = %s AND {_LIVE}", (name,))
-        return self._pipeline(rows[0]) if rows else None
+    def _execute(self, sql: str, params: tuple | list = ()) -> int:
+        return self._db.execute(_pg(sql), params).rowcount
 
-    def put_pipeline(self, definition: dict, plan: PipelinePlan) -> PipelineRow:
-        (row,) = self.put_pipelines([(definition, plan)])
-        return row
-
-    def put_pipelines(self, items: list[tuple[dict, PipelinePlan]]) -> list[PipelineRow]:
-        with self._transaction():
-            return self._put(items)
-
-    def _put(self, items: list[tuple[dict, PipelinePlan]]) -> list[PipelineRow]:
-        now = _now()
-        encode = _to_bytes()
+    def _executemany(self, sql: str, rows: list[tuple]) -> None:
         with self._db.cursor() as cur:
-            cur.executemany(
-                """INSERT INTO pipelines (name, revision, definition, plan, created_at, updated_at)
-                   VALUES (%s, %s, %s, %s, %s, %s)
-                   ON CONFLICT (name) DO UPDATE SET revision=excluded.revision, definition=excluded.definition,
-                     plan=excluded.plan, updated_at=excluded.updated_at""",
-                [(plan.name, plan.revision, json.dumps(definition), encode(plan), now, now) for definition, plan in items],
-            )
-        if not items:
-            return []
-        created = dict(self._db.execute(
-            "SELECT name, created_at FROM pipelines WHERE name = ANY(%s)", ([plan.name for _, plan in items],)
-        ).fetchall())
-        return [PipelineRow(definition, plan, created[plan.name], now) for definition, plan in items]
+            cur.executemany(_pg(sql), rows)
 
-    def delete_pipeline(self, name: str) -> bool:
-        return self.delete_pipelines([name]) > 0
+    # --- the hooks of SqlStore: what several managers sharing the database need
+    def _lock_begin(self) -> None:
+        self._db.execute("SELECT pg_advisory_xact_lock(%s)", (BEGIN_LOCK,))  # one change at a time, across managers
 
-    def delete_pipelines(self, names: list[str]) -> int:
-        with self._transaction():
-            return sum(self._db.execute("DELETE FROM pipelines WHERE name = %s", (n,)).rowcount for n in names)
-
-    # --- a pipeline change in steps
-    def begin_change(self, puts: list[tuple[dict, PipelinePlan]], deletes: list[str]) -> list[PipelineRow]:
-        with self._transaction():
-            self._db.execute("SELECT pg_advisory_xact_lock(%s)", (BEGIN_LOCK,))  # one change at a time, across managers
-            if self._db.execute("SELECT 1 FROM pipeline_changes LIMIT 1").fetchone() is not None:
-                raise RuntimeError("a pipeline change is already under way: finish or abort it first")
-            names = [plan.name for _, plan in puts]
-            if set(names) & set(deletes):
-                raise ValueError(f"pipelines both put and deleted: {sorted(set(names) & set(deletes))}")
-            for action, name in [*(("put", n) for n in names), *(("delete", n) for n in deletes)]:
-                self._db.execute(
-                    """INSERT INTO pipeline_changes (name, action, old_definition, old_plan, old_created_at, old_updated_at)
-                       SELECT %s, %s, p.definition, p.plan, p.created_at, p.updated_at
-                       FROM (SELECT 1) AS one LEFT JOIN pipelines p ON p.name = %s""",
-                    (name, action, name),
-                )
-            # in the same transaction as the new state: no manager sees one without the other
-            self._db.execute(
-                f"INSERT INTO change_phases (id, driver, phase, updated_at) VALUES (%s, %s, %s, {_DB_NOW})",
-                (uuid.uuid4().hex, self.manager_id, PHASES[0]),
-            )
-            return self._put(puts)
-
-    def finish_change(self) -> None:
-        with self._transaction():
-            self._db.execute("DELETE FROM pipelines WHERE name IN (SELECT name FROM pipeline_changes WHERE action = 'delete')")
-            self._db.execute("DELETE FROM pipeline_changes")
-            self._end_phases()
-
-    def abort_change(self) -> None:
-        with self._transaction():
-            changes = self._db.execute(
-                "SELECT name, old_definition, old_plan, old_created_at, old_updated_at FROM pipeline_changes"
-            ).fetchall()
-            for name, definition, plan, created, updated in changes:
-                if plan is None:
-                    self._db.execute("DELETE FROM pipelines WHERE name = %s", (name,))
-                else:
-                    self._db.execute(
-                        "UPDATE pipelines SET revision = %s, definition = %s, plan = %s, created_at = %s, updated_at = %s WHERE name = %s",
-                        (from_bytes(bytes(plan)).revision, definition, plan, created, updated, name),
-                    )
-            self._db.execute("DELETE FROM pipeline_changes")
-            self._end_phases()
-
-    def pending_change(self) -> PendingChange | None:
-        rows = self._query(
-            """SELECT c.name, c.action, c.old_definition, c.old_plan, c.old_created_at, c.old_updated_at,
-                      p.definition, p.plan, p.created_at, p.updated_at
-               FROM pipeline_changes c LEFT JOIN pipelines p ON p.name = c.name ORDER BY c.name"""
+    def _began(self) -> None:
+        # in the same transaction as the new state: no manager sees one without the other
+        self._db.execute(
+            f"INSERT INTO change_phases (id, driver, phase, updated_at) VALUES (%s, %s, %s, {_DB_NOW})",
+            (uuid.uuid4().hex, self.manager_id, PHASES[0]),
         )
-        if not rows:
-            return None
-        puts, deletes = [], []
-        for _name, action, *rest in rows:
-            old = self._pipeline(tuple(rest[:4])) if rest[1] is not None else None
-            new = self._pipeline(tuple(rest[4:])) if rest[5] is not None else None
-            if action == "delete":
-                if old is not None:
-                    deletes.append(old)
-            elif new is not None:
-                puts.append(PendingPut(old, new))
-        return PendingChange(tuple(puts), tuple(deletes))
 
-    @staticmethod
-    def _pipeline(row: tuple) -> PipelineRow:
-        definition, plan, created, updated = row
-        return PipelineRow(json.loads(definition), from_bytes(bytes(plan)), created, updated)
-
-    # --- runtimes and instances
-    def runtimes(self) -> list[RuntimeRow]:
-        return [RuntimeRow(n, k, models_from_json(json.loads(m))) for n, k, m in self._query("SELECT name, kind, models FROM runtimes ORDER BY name")]
-
-    def put_runtime(self, name: str, kind: str, models: dict[str, ServedModel]) -> None:
-        with self._transaction():
-            self._db.execute(
-                """INSERT INTO runtimes (name, kind, models, updated_at) VALUES (%s, %s, %s, %s)
-                   ON CONFLICT (name) DO UPDATE SET kind=excluded.kind, models=excluded.models, updated_at=excluded.updated_at""",
-                (name, kind, json.dumps(models_to_json(models)), _now()),
-            )
-
-    def instances(self) -> list[InstanceRow]:
-        return [InstanceRow(*r) for r in self._query("SELECT id, runtime, host, port, last_seen, ip, token_id FROM instances ORDER BY id")]
-
-    def put_instance(self, inst: InstanceRow) -> None:
-        with self._transaction():
-            self._db.execute(
-                """INSERT INTO instances (id, runtime, host, port, last_seen, ip, token_id) VALUES (%s, %s, %s, %s, %s, %s, %s)
-                   ON CONFLICT (id) DO UPDATE SET runtime=excluded.runtime, host=excluded.host, port=excluded.port,
-                     last_seen=excluded.last_seen, ip=excluded.ip, token_id=excluded.token_id""",
-                (inst.id, inst.runtime, inst.host, inst.port, inst.last_seen, inst.ip, inst.token_id),
-            )
-
-    def delete_instance(self, instance_id: str) -> None:
-        with self._transaction():
-            self._db.execute("DELETE FROM instances WHERE id = %s", (instance_id,))
-
-    # --- API tokens
-    def tokens(self) -> list[TokenRow]:
-        rows = self._query("SELECT id, scopes, created_at, expires_at, revoked_at FROM tokens ORDER BY created_at, id")
-        return [TokenRow(i, tuple(json.loads(s)), c, e, r) for i, s, c, e, r in rows]
-
-    def token(self, token_id: str) -> TokenRow | None:
-        rows = self._query("SELECT id, scopes, created_at, expires_at, revoked_at FROM tokens WHERE id = %s", (token_id,))
-        return TokenRow(rows[0][0], tuple(json.loads(rows[0][1])), *rows[0][2:]) if rows else None
-
-    def put_token(self, row: TokenRow) -> None:
-        with self._transaction():
-            self._db.execute(
-                "INSERT INTO tokens (id, scopes, created_at, expires_at, revoked_at) VALUES (%s, %s, %s, %s, %s)",
-                (row.id, json.dumps(list(row.scopes)), row.created_at, row.expires_at, row.revoked_at),
-            )
-
-    def revoke_token(self, token_id: str, at: float) -> bool:
-        with self._transaction():
-            cursor = self._db.execute("UPDATE tokens SET revoked_at = COALESCE(revoked_at, %s) WHERE id = %s", (at, token_id))
-        return cursor.rowcount > 0
-
-    def revoked_token_ids(self, now: float) -> list[str]:
-        return [r[0] for r in self._query("SELECT id FROM tokens WHERE revoked_at IS NOT NULL AND expires_at > %s ORDER BY id", (now,))]
-
-    # --- model versions loaded onto runtimes through the API
-    def loaded_models(self, runtime: str | None = None) -> list[LoadedModel]:
-        if runtime is None:
-            rows = self._query("SELECT runtime, model, version FROM runtime_models ORDER BY runtime, model, version")
-        else:
-            rows = self._query("SELECT runtime, model, version FROM runtime_models WHERE runtime = %s ORDER BY model, version", (runtime,))
-        return [LoadedModel(*r) for r in rows]
-
-    def put_loaded_model(self, loaded: LoadedModel) -> None:
-        with self._transaction():
-            self._db.execute(
-                "INSERT INTO runtime_models (runtime, model, version, loaded_at) VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                (loaded.runtime, loaded.model, loaded.version, _now()),
-            )
-
-    def delete_loaded_model(self, loaded: LoadedModel) -> None:
-        with self._transaction():
-            self._db.execute(
-                "DELETE FROM runtime_models WHERE runtime = %s AND model = %s AND version = %s",
-                (loaded.runtime, loaded.model, loaded.version),
-            )
-
-    # --- SHA-256 digests of deployed model versions
-    def model_digests(self, model: str, version: str) -> RecordedDigests | None:
-        rows = self._query(
-            "SELECT path, sha256, size, recorded_at FROM model_digests WHERE model = %s AND version = %s ORDER BY path", (model, version)
-        )
-        if not rows:
-            return None
-        return RecordedDigests(model, version, tuple(RecordedFile(p, d, n) for p, d, n, _ in rows), rows[0][3])
-
-    def record_model_digests(self, model: str, version: str, files: list[RecordedFile]) -> RecordedDigests:
-        if not files:
-            raise ValueError(f"model {model!r} version {version}: no files to record")
-        with self._transaction():
-            self._db.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (DIGESTS_LOCK, f"{model}/{version}"))
-            if self._db.execute("SELECT 1 FROM model_digests WHERE model = %s AND version = %s LIMIT 1", (model, version)).fetchone() is None:
-                now = _now()
-                with self._db.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO model_digests (model, version, path, sha256, size, recorded_at) VALUES (%s, %s, %s, %s, %s, %s)",
-                        [(model, version, f.path, f.sha256, f.size, now) for f in files],
-                    )
-        recorded = self.model_digests(model, version)
-        assert recorded is not None
-        return recorded
-
-    def forget_model_digests(self, model: str, version: str | None = None) -> None:
-        with self._transaction():
-            if version is None:
-                self._db.execute("DELETE FROM model_digests WHERE model = %s", (model,))
-            else:
-                self._db.execute("DELETE FROM model_digests WHERE model = %s AND version = %s", (model, version))
-
-    # --- several managers: liveness, and each change's phases confirmed by every live manager
-    def _end_phases(self) -> None:
+    def _ended(self) -> None:
         """(In a change's finishing transaction) the change's phase row and acks go with it."""
         self._db.execute("DELETE FROM change_acks")
         self._db.execute("DELETE FROM change_phases")
 
+    def _lock_digests(self, model: str, version: str) -> None:
+        self._db.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (DIGESTS_LOCK, f"{model}/{version}"))
+
+    # --- several managers: liveness, and each change's phases confirmed by every live manager
     def heartbeat(self, ttl_s: float) -> None:
         """This manager is alive for ``ttl_s`` more seconds (the database's clock); rows
         expired for over a minute are deleted."""
@@ -526,14 +328,7 @@ class PgStore:
                 self._lock_conn = None
 
 
-def _now() -> float:
-    """``manager.store``'s clock (tests move it for both backends)."""
-    from manager import store
-
-    return store.time.time()
-
-
-def _to_bytes():
-    from manager import store
-
-    return store.to_bytes
+@functools.lru_cache(maxsize=256)
+def _pg(sql: str) -> str:
+    """``manager.store_sql``'s SQL with psycopg's placeholders (its SQL has no other ``?``)."""
+    return sql.replace("?", "%s")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import manager.store as store_module
+import manager.store_sql as store_module
 from manager.served_models import models_from_json
 from manager.store import SCHEMA_VERSION, InstanceRow, LoadedModel, PipelineRow, Store
 from sluice.plan import Binding, PipelinePlan, StagePlan
@@ -96,7 +96,7 @@ def open_store(request: pytest.FixtureRequest, db: Path) -> Iterator[Opener]:
 
 
 class Clock:
-    """A stand-in for manager.store's ``time`` module: time moves only when told."""
+    """A stand-in for manager.store_sql's ``time`` module (both backends' clock): time moves only when told."""
 
     def __init__(self, now: float = 1000.0) -> None:
         self.now = now
