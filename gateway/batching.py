@@ -203,7 +203,6 @@ class _Waiter:
     taken_ns: int = 0  # when a folded run took it
 
 
-
 @dataclass(slots=True)
 class _Lane:
     pipeline: CompiledPipeline
