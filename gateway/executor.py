@@ -37,7 +37,7 @@ from gateway import graph, metrics, served_by
 from gateway.pipelines import CompiledPipeline, CompiledRun, CompiledStage, PipelineTable
 from sluice.fusion import FAILED_STAGE_HEADER, FUSED_PARAMETER, FUSED_TAG, TIMEOUT_PARAMETER, VERSIONS_PARAMETER
 from sluice.tensors import TensorError, raw_outputs
-from sluice.tracing import RUNTIME_TRACED_TAG, TRACED_HEADER, Tracing
+from sluice.tracing import RUNTIME_TRACED_TAG, TRACED_PARAMETER, Tracing
 from sluice.wire import UNROUTED
 
 RawTensor = tuple[str, list[int], bytes]  # (datatype, shape, raw bytes)
@@ -233,8 +233,7 @@ class Executor:
             elif exc.code() == grpc.StatusCode.UNAVAILABLE and "timeout" in details:
                 status, code = 504, "stage_timeout"
             raise StageFailed(stage, status, code, details) from None
-        if self.tracing.enabled and any(key == TRACED_HEADER for key, _ in answer_metadata or ()):
-            # the runtime recorded a span under this call's
+        if self.tracing.enabled and TRACED_PARAMETER in response.parameters:  # the runtime recorded a span under this call's
             trace.get_current_span().set_attribute(RUNTIME_TRACED_TAG, True)
         if run is None:
             served_by.record(metadata, response.model_version, answer_metadata)  # x-sluice-served-by

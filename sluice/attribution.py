@@ -456,7 +456,7 @@ def complete(spans: Sequence[Span]) -> bool:
     def reaches_runtime(s: Span) -> bool:
         return any(RUNTIME_TAG in c.tags or reaches_runtime(c) for c in children.get(s.id, ()))
 
-    # a call whose runtime answered that it traced it (``sluice.tracing.TRACED_HEADER``)
+    # a call whose runtime answered that it traced it (``sluice.tracing.TRACED_PARAMETER``)
     if not all(reaches_runtime(s) for s in calls if _truthy(s.tags.get(RUNTIME_TRACED_TAG))):
         return False
     runtime_sidecars: dict[str, list[Span]] = {}

@@ -16,8 +16,8 @@ first stage call: reading and parsing the body into tensors) and ``sluice.encode
 (from its last stage call's answer until the response starts: tensors back to JSON),
 marked by ``stage_work()`` around the gateway's executor; a runtime's
 ``sluice.queue_ms`` (waiting for a predict thread) and ``sluice.compute_ms`` (the
-model's ``predict``), set by ``tag_model_time``. A runtime that recorded a span answers
-``x-sluice-traced``, and the gateway marks its call's span with ``sluice.runtime_traced``:
+model's ``predict``), set by ``tag_model_time``. A runtime that recorded a span says so in
+its answer (``sluice.traced``), and the gateway marks its call's span with ``sluice.runtime_traced``:
 the trace is whole only once that runtime's spans are in.
 """
 
@@ -42,10 +42,12 @@ PARSE_MS_TAG = "sluice.parse_ms"
 ENCODE_MS_TAG = "sluice.encode_ms"
 QUEUE_MS_TAG = "sluice.queue_ms"
 COMPUTE_MS_TAG = "sluice.compute_ms"
-#: a runtime's answer carries this initial metadata when it recorded a span for the call
-#: (its spans reach Zipkin on their own schedule); the gateway then tags its call's span
-#: ``RUNTIME_TRACED_TAG``, so ``sluice.attribution.complete`` knows to wait for them
-TRACED_HEADER = "x-sluice-traced"
+#: a runtime's answer (ModelInferResponse) carries this bool parameter when it recorded a
+#: span for the call (its spans reach Zipkin on their own schedule); the gateway then tags
+#: its call's span ``RUNTIME_TRACED_TAG``, so ``sluice.attribution.complete`` knows to wait
+#: for them. In the answer itself, not in metadata: response headers sent ahead of the
+#: answer would keep Envoy from retrying the call on another replica if the runtime died
+TRACED_PARAMETER = "sluice.traced"
 RUNTIME_TRACED_TAG = "sluice.runtime_traced"
 
 

@@ -86,7 +86,7 @@ from sluice.limits import Overloaded
 from sluice.traffic import VERSION_HEADER
 from sluice.tensors import TensorError, fill_response, request_inputs
 from sluice.fusion import FAILED_STAGE_HEADER, FUSED_PARAMETER, FUSED_TAG, TIMEOUT_PARAMETER, VERSIONS_PARAMETER, decode_steps
-from sluice.tracing import COMPUTE_MS_TAG, TRACED_HEADER, Tracing, tag_model_time
+from sluice.tracing import COMPUTE_MS_TAG, TRACED_PARAMETER, Tracing, tag_model_time
 from opentelemetry import trace
 
 log = logging.getLogger(__name__)
@@ -544,9 +544,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 "sluice.stage": metadata.get(STAGE_HEADER, ""),
             }
             with self.tracing.server_span(f"infer {request.model_name}", metadata, attributes) as span:
+                response = await self._infer(request, context)
                 if span.is_recording():  # the gateway's span says so: the trace waits for this one
-                    await context.send_initial_metadata(((TRACED_HEADER, "1"),))
-                return await self._infer(request, context)
+                    response.parameters[TRACED_PARAMETER].bool_param = True
+                return response
         except BaseException:
             status = getattr(context.code(), "name", "ERROR")  # the code context.abort() set
             raise

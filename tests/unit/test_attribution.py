@@ -132,7 +132,7 @@ def test_recorded_trace_is_complete_and_not_without_a_hop():
 
 def test_a_call_whose_runtime_answered_that_it_traced_waits_for_that_runtimes_spans():
     """Both runtime spans missing looks like a runtime that never joins the trace, unless
-    the gateway's call span says the runtime answered ``x-sluice-traced`` (then not whole)."""
+    the gateway's call span says the runtime answered ``sluice.traced`` (then not whole)."""
     spans = [
         replace(s, tags={**s.tags, RUNTIME_TRACED_TAG: "true"}) if s.kind == "CLIENT" and "sluice.stage" in s.tags else s
         for s in recorded()
