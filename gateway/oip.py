@@ -110,16 +110,12 @@ class PipelineInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                              {"sluice.pipeline": request.model_name}):
                         response = await self._infer(request)
             except OipError as exc:
-                await self._send_served_by(context, traffic)
-                await context.abort(exc.code, exc.message)
-            await self._send_served_by(context, traffic)  # initial metadata: before the answer
+                await context.abort(exc.code, exc.message, trailing_metadata=served_by.grpc_trailing_metadata(traffic))
+            # in the answer and its trailers, which leave with it in one write: headers sent
+            # ahead of it would keep the gateway's sidecar from retrying the call on another
+            # gateway, were this one to die before the answer was out
+            served_by.on_unary_answer(response, traffic, context)
             return response
-
-    @staticmethod
-    async def _send_served_by(context, traffic: served_by.RequestTraffic) -> None:
-        metadata = served_by.grpc_initial_metadata(traffic)
-        if metadata:
-            await context.send_initial_metadata(metadata)
 
     async def ModelStreamInfer(self, request_iterator, context):
         tracing = self.executor.tracing

@@ -10,10 +10,10 @@ Envoy does the routing (``manager.xds.traffic``); this module only carries heade
   (``<stage-id>=<runtime>/<model>:<version>``, one per stage that ran, comma-separated)
   to its answer, and ``Retry-After`` to a 429 (a stage's or the pipeline's rate limit);
 * the OIP gRPC front door (``gateway.oip``) does the same per inference with
-  ``collecting``: the request's metadata is what is forwarded; a unary ``ModelInfer``
-  answers ``x-sluice-served-by`` as initial metadata (``grpc_initial_metadata``), and
-  each answer of a ``ModelStreamInfer`` stream (one set of initial metadata for many
-  requests) carries it as the response parameter ``sluice.served_by`` (``on_stream_answer``);
+  ``collecting``: the request's metadata is what is forwarded; every answer carries it as
+  the response parameter ``sluice.served_by`` (``on_unary_answer``, ``on_stream_answer``),
+  and a unary ``ModelInfer`` also as trailing metadata ``x-sluice-served-by`` (not
+  initial metadata: headers sent ahead of the answer would make it unretryable by Envoy);
 * the executor calls ``forwarded`` for a stage call's metadata, ``record`` with its
   answer (the runtime from Envoy's ``x-sluice-served-runtime`` response header, the
   version from the answer's ``model_version``), and ``rate_limited`` on a failure.
@@ -141,21 +141,30 @@ def grpc_headers(context) -> dict[str, str]:
     return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
 
 
-def grpc_initial_metadata(traffic: RequestTraffic) -> Metadata:
-    """A unary gRPC answer's initial metadata: ``x-sluice-served-by`` if a stage ran."""
+def grpc_trailing_metadata(traffic: RequestTraffic) -> Metadata:
+    """A unary gRPC call's trailing metadata: ``x-sluice-served-by`` if a stage ran."""
     value = traffic.close()
     return ((SERVED_BY_HEADER, value),) if value else ()
 
 
-#: the ModelInferResponse parameter of a streamed answer naming what served it
-STREAM_PARAMETER = "sluice.served_by"
+#: the ModelInferResponse parameter of an answer (unary or streamed) naming what served it
+ANSWER_PARAMETER = "sluice.served_by"
+
+
+def on_unary_answer(response, traffic: RequestTraffic, context) -> None:
+    """A unary ``ModelInferResponse`` names what served it, in its ``sluice.served_by``
+    parameter and in the call's trailing metadata ``x-sluice-served-by``, if a stage ran."""
+    metadata = grpc_trailing_metadata(traffic)
+    if metadata:
+        response.parameters[ANSWER_PARAMETER].string_param = metadata[0][1]
+        context.set_trailing_metadata(metadata)
 
 
 def on_stream_answer(response, traffic: RequestTraffic) -> None:
     """Add ``sluice.served_by`` to one streamed ``ModelInferResponse`` if a stage ran."""
     value = traffic.close()
     if value:
-        response.parameters[STREAM_PARAMETER].string_param = value
+        response.parameters[ANSWER_PARAMETER].string_param = value
 
 
 def rate_limited(exc: grpc.aio.AioRpcError) -> str:

@@ -97,7 +97,7 @@ def test_concurrent_http_and_grpc_requests_are_folded_and_each_caller_gets_its_o
                 labels = from_raw(answer["label"][2], "BYTES", answer["label"][1])
                 probabilities = from_raw(answer["probabilities"][2], "FP64", answer["probabilities"][1])
                 records = [{"label": l.decode(), "probabilities": p.tolist()} for l, p in zip(labels, probabilities)]
-                served_by = dict(await call.initial_metadata()).get("x-sluice-served-by", "")
+                served_by = dict(await call.trailing_metadata()).get("x-sluice-served-by", "")
                 out.append((rows, records, served_by))
         return out
 

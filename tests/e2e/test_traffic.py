@@ -243,7 +243,7 @@ def grpc_stream(address: str, pipeline: str, count: int, headers: dict[str, str]
     return [r.parameters["sluice.served_by"].string_param for r in responses]
 
 
-def test_grpc_answers_name_the_variant_as_initial_metadata_and_per_streamed_answer(mesh, manager):
+def test_grpc_answers_name_the_variant_in_each_answer_and_the_unary_trailers(mesh, manager):
     define(manager, "grpc-split", classifier_stage(traffic=[{"version": "1", "weight": 50}, {"version": "2", "weight": 50}]))
     scaler = ("scikit", "iris_scaler", "1")
     both = {("scikit", "iris_classifier", "1"), ("scikit", "iris_classifier", "2")}
@@ -255,7 +255,8 @@ def test_grpc_answers_name_the_variant_as_initial_metadata_and_per_streamed_answ
         seen = Counter()
         for _ in range(30):
             response, call = stub.ModelInfer.with_call(request, timeout=20)
-            entries = served_by_entries(dict(call.initial_metadata())["x-sluice-served-by"])
+            entries = served_by_entries(dict(call.trailing_metadata())["x-sluice-served-by"])
+            assert response.parameters["sluice.served_by"].string_param == dict(call.trailing_metadata())["x-sluice-served-by"]
             assert entries["0"] == scaler and entries["1"] in both, entries
             seen[entries["1"]] += 1
             probabilities = response.raw_output_contents[[o.name for o in response.outputs].index("probabilities")]
@@ -264,7 +265,7 @@ def test_grpc_answers_name_the_variant_as_initial_metadata_and_per_streamed_answ
         assert set(seen) == both, seen  # 30 calls at 50/50: each version at least once (1 - 2^-29)
         for version in ("1", "2"):  # the call's x-sluice-variant metadata pins the version
             _, call = stub.ModelInfer.with_call(request, metadata=(("x-sluice-variant", version),), timeout=20)
-            assert served_by_entries(dict(call.initial_metadata())["x-sluice-served-by"])["1"] == ("scikit", "iris_classifier", version)
+            assert served_by_entries(dict(call.trailing_metadata())["x-sluice-served-by"])["1"] == ("scikit", "iris_classifier", version)
 
     streamed = [served_by_entries(v) for v in grpc_stream(address, "grpc-split", 20)]
     assert all(e["0"] == scaler and len(e) == 2 for e in streamed), streamed  # each answer its own entries

@@ -105,11 +105,14 @@ def infer_request(x: float, model: str = "p") -> pb.ModelInferRequest:
 # --- OIP gRPC
 
 
-async def test_grpc_model_infer_answers_served_by_as_initial_metadata_and_forwards_pin_and_sticky(stub, app):
+async def test_grpc_model_infer_answers_served_by_in_the_answer_and_trailers_and_forwards_pin_and_sticky(stub, app):
     call = stub.ModelInfer(infer_request(3), metadata=((VARIANT_HEADER, "canary"), (STICKY, "u1"), ("x-other", "no")))
     response = await call
     assert np.frombuffer(response.raw_output_contents[0], "<f8").tolist() == [6.0]
-    assert dict(await call.initial_metadata())[SERVED_BY_HEADER] == "0=canary/double:7"
+    assert response.parameters[served_by.ANSWER_PARAMETER].string_param == "0=canary/double:7"
+    assert dict(await call.trailing_metadata())[SERVED_BY_HEADER] == "0=canary/double:7"
+    # nothing ahead of the answer: Envoy may still retry the call until the answer leaves
+    assert SERVED_BY_HEADER not in dict(await call.initial_metadata() or ())
     sent = app.state.egress.metadata[-1]
     assert sent[VARIANT_HEADER] == "canary" and sent[STICKY] == "u1"
     assert "x-other" not in sent  # only the pin and the stage's sticky header are forwarded
@@ -117,7 +120,7 @@ async def test_grpc_model_infer_answers_served_by_as_initial_metadata_and_forwar
 
     plain = stub.ModelInfer(infer_request(1))  # no pin: the weights' (here the fake's default) runtime
     await plain
-    assert dict(await plain.initial_metadata())[SERVED_BY_HEADER] == "0=main/double:7"
+    assert dict(await plain.trailing_metadata())[SERVED_BY_HEADER] == "0=main/double:7"
     assert VARIANT_HEADER not in app.state.egress.metadata[-1]
 
 
@@ -127,6 +130,7 @@ async def test_grpc_model_infer_that_fails_before_any_stage_sends_no_served_by(s
         await call
     assert failed.value.code() == grpc.StatusCode.NOT_FOUND
     assert SERVED_BY_HEADER not in dict(await call.initial_metadata() or ())
+    assert SERVED_BY_HEADER not in dict(await call.trailing_metadata() or ())
 
 
 async def test_grpc_stream_answers_each_carry_their_own_served_by_parameter(stub):
@@ -141,9 +145,9 @@ async def test_grpc_stream_answers_each_carry_their_own_served_by_parameter(stub
     for answer in answers[:5]:
         assert not answer.error_message
         # one entry each: a request's list is its own, not the stream's
-        assert answer.infer_response.parameters[served_by.STREAM_PARAMETER].string_param == "0=canary/double:7"
+        assert answer.infer_response.parameters[served_by.ANSWER_PARAMETER].string_param == "0=canary/double:7"
     assert "no pipeline 'nope'" in answers[5].error_message
-    assert served_by.STREAM_PARAMETER not in answers[5].infer_response.parameters
+    assert served_by.ANSWER_PARAMETER not in answers[5].infer_response.parameters
     assert SERVED_BY_HEADER not in dict(await call.initial_metadata() or ())
 
 
