@@ -58,11 +58,11 @@ from opentelemetry import trace
 
 from gateway import graph, metrics, served_by
 from gateway.executor import StageFailed
+from gateway.graph import RawTensor
 from gateway.pipelines import CompiledPipeline, PipelineTable
 from sluice.tensors import DATATYPE_TO_DTYPE
 from sluice.traffic import VARIANT_HEADER
 
-RawTensor = tuple[str, list[int], bytes]  # (datatype, shape, raw bytes)
 Inputs = dict[str, RawTensor]
 RunFn = Callable[[CompiledPipeline, Inputs], Awaitable[graph.Answer]]
 #: (name, datatype, dimensions after the first) of each input, by name

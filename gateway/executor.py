@@ -34,13 +34,13 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from gateway import graph, metrics, served_by
+from gateway.graph import RawTensor
 from gateway.pipelines import CompiledPipeline, CompiledRun, CompiledStage, PipelineTable
 from sluice.fusion import FAILED_STAGE_HEADER, FUSED_PARAMETER, FUSED_TAG, TIMEOUT_PARAMETER, VERSIONS_PARAMETER
 from sluice.tensors import TensorError, raw_outputs
 from sluice.tracing import RUNTIME_TRACED_TAG, TRACED_PARAMETER, Tracing
 from sluice.wire import UNROUTED
 
-RawTensor = tuple[str, list[int], bytes]  # (datatype, shape, raw bytes)
 
 # Envoy acknowledges a route update on its main thread a moment before its worker
 # threads hold it. A call in that window meets the fallback route (it reached no
