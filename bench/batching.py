@@ -19,22 +19,19 @@ import argparse
 import asyncio
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import httpx
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-from sklearn.datasets import load_breast_cancer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.mesh_latency import measure  # noqa: E402
-from bench.three_stage import PIPELINE, define_pipeline, gateway_calls, sluice_mesh, train  # noqa: E402
+from bench.three_stage import PIPELINE, define_pipeline, gateway_calls, sluice_mesh, trained  # noqa: E402
 from sluice.local.mesh import LocalMesh  # noqa: E402
-from sluice.local.procs import free_port  # noqa: E402
 from sluice.serving import install_uvloop  # noqa: E402
 
 CLIENTS = (1, 8, 32)
@@ -57,11 +54,7 @@ def _folded(mesh: LocalMesh) -> str:
 
 async def run(requests: int, rounds: int, on_env: dict[str, str]) -> None:
     console = Console(width=140)
-    X, _ = load_breast_cancer(return_X_y=True)
-    row = X[:1].astype(np.float64)
-    with tempfile.TemporaryDirectory() as workdir:
-        work = Path(workdir)
-        train(work / "store", work / "mlserver", free_port())
+    with trained() as (work, row, _):
         meshes = {
             mode: sluice_mesh(work, f"mesh-{mode}", {**env, **(on_env if mode == "on" else {})})
             for mode, env in MODES.items()

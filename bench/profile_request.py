@@ -45,7 +45,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -54,13 +53,11 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-from sklearn.datasets import load_breast_cancer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.three_stage import define_pipeline, gateway_calls, sluice_mesh, train  # noqa: E402
-from sluice.local.procs import free_port  # noqa: E402
+from bench.three_stage import define_pipeline, gateway_calls, sluice_mesh, trained  # noqa: E402
 from sluice.serving import install_uvloop  # noqa: E402
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
@@ -314,11 +311,7 @@ def report(console: Console, cell: Cell, top: int) -> None:
 
 async def run(args: argparse.Namespace) -> None:
     console = Console(width=160)
-    X, _ = load_breast_cancer(return_X_y=True)
-    row = X[:1].astype(np.float64)
-    with tempfile.TemporaryDirectory() as workdir:
-        work = Path(workdir)
-        train(work / "store", work / "mlserver", free_port())
+    with trained() as (work, row, _):
         mesh = sluice_mesh(work)
         with mesh:
             define_pipeline(mesh)

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -79,9 +81,20 @@ WAYS = ("in-process", "runtime direct", "runtime direct fused", "MLServer chain"
 APART_RETRIES = {"attempts": 2, "on": ["unavailable", "reset", "connect-failure", "refused-stream"]}
 
 
-def train(store: Path, mlserver_root: Path, grpc_port: int) -> list:
-    """Fit the three estimators; write them in Sluice's layout and MLServer's."""
+@contextlib.contextmanager
+def trained(mlserver_grpc_port: int = 0) -> Iterator[tuple[Path, np.ndarray, list]]:
+    """A temporary folder holding the three models in Sluice's layout (``store``) and
+    MLServer's (``mlserver``, gRPC on ``mlserver_grpc_port``, else a free port), the
+    one-row request every benchmark of this pipeline sends, and the fitted estimators."""
     X, y = load_breast_cancer(return_X_y=True)
+    with tempfile.TemporaryDirectory() as workdir:
+        work = Path(workdir)
+        estimators = train(X, y, work / "store", work / "mlserver", mlserver_grpc_port or free_port())
+        yield work, X[:1].astype(np.float64), estimators
+
+
+def train(X: np.ndarray, y: np.ndarray, store: Path, mlserver_root: Path, grpc_port: int) -> list:
+    """Fit the three estimators; write them in Sluice's layout and MLServer's."""
     scaler = StandardScaler().fit(X)
     pca = PCA(10, random_state=0).fit(scaler.transform(X))
     classifier = LogisticRegression(max_iter=1000).fit(pca.transform(scaler.transform(X)), y)
@@ -172,13 +185,9 @@ def mlserver_binary() -> Path:
 
 async def run(requests: int, replicas: int = 1, env: dict[str, str] | None = None) -> None:
     console = Console(width=140)
-    X, _ = load_breast_cancer(return_X_y=True)
-    row = X[:1].astype(np.float64)
     results: dict[tuple[str, int], tuple[float, float, float]] = {}
-    with tempfile.TemporaryDirectory() as workdir:
-        work = Path(workdir)
-        mlserver_grpc = free_port()
-        scaler, pca, classifier = train(work / "store", work / "mlserver", mlserver_grpc)
+    mlserver_grpc = free_port()
+    with trained(mlserver_grpc) as (work, row, (scaler, pca, classifier)):
         expected = classifier.predict_proba(pca.transform(scaler.transform(row)))
         mesh = sluice_mesh(work, env=env, replicas=replicas)
         with mesh:
