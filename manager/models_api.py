@@ -36,6 +36,8 @@ _ERRORS = error_responses(
     s502="the repository answered with an error",
     s503="the repository or the runtime is unreachable",
 )
+#: what every route that calls the repository may answer
+_UPSTREAM = {502: _ERRORS[502], 503: _ERRORS[503]}
 
 
 def _models(request: Request) -> ModelService:
@@ -49,14 +51,14 @@ async def info(request: Request) -> MeshInfo:
     return MeshInfo(gateway_url=settings.gateway_url, repository_url=settings.repository_url, version=request.app.version)
 
 
-@router.get("/models", response_model=list[ModelInfo], tags=["models"], responses={502: _ERRORS[502], 503: _ERRORS[503]})
+@router.get("/models", response_model=list[ModelInfo], tags=["models"], responses=_UPSTREAM)
 async def list_models(request: Request) -> list[ModelInfo]:
     """Every model in the repository: versions, signatures, file digests, and which runtimes serve each version."""
     return await _models(request).list()
 
 
 @router.get("/models/{name}", response_model=ModelInfo, tags=["models"],
-            responses={404: _ERRORS[404], 502: _ERRORS[502], 503: _ERRORS[503], **error_responses(422, s422="not a model name")})
+            responses={404: _ERRORS[404], **_UPSTREAM, **error_responses(422, s422="not a model name")})
 async def get_model(request: Request, name: str = Path(pattern=MODEL_NAME)) -> ModelInfo:
     return await _models(request).get(name)
 
@@ -101,8 +103,7 @@ async def model_digests(
             s415="not a tar, tar.gz or multipart body",
             s422="a broken model.json or config.pbtxt, or not a model name",
         ),
-        502: _ERRORS[502],
-        503: _ERRORS[503],
+        **_UPSTREAM,
     },
     openapi_extra={
         "requestBody": {
@@ -138,8 +139,7 @@ _POLICY_ERRORS = {
         s409="`read_only`: the model lives in a read-only root of the repository",
         s422="`bad_version_policy`: malformed, or names a version the model does not have (or not a model name)",
     ),
-    502: _ERRORS[502],
-    503: _ERRORS[503],
+    **_UPSTREAM,
 }
 
 
