@@ -11,7 +11,7 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 
 from manager.digests import ModelDigestsOut
 from manager.models import ModelService
-from manager.schemas import LoadedModelOut, LoadModel, MeshInfo, ModelInfo, ModelPolicyOut, UploadedModel, VersionPolicyIn
+from manager.schemas import VERSION_PATTERN, LoadedModelOut, LoadModel, MeshInfo, ModelInfo, ModelPolicyOut, UploadedModel, VersionPolicyIn
 from sluice.errors import ApiError, error_responses
 
 router = APIRouter(prefix="/api/v1")
@@ -27,7 +27,6 @@ UPLOAD_TYPES = (
 )
 UPLOAD_PATH = r"^/api/v1/models/[^/]+$"
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-VERSION = r"^[A-Za-z0-9_.-]{1,64}$"
 
 _ERRORS = error_responses(
     404, 409, 502, 503,
@@ -80,7 +79,7 @@ async def get_model(request: Request, name: str = Path(pattern=MODEL_NAME)) -> M
 async def model_digests(
     request: Request,
     name: str = Path(pattern=MODEL_NAME),
-    version: str = Path(pattern=VERSION),
+    version: str = Path(pattern=VERSION_PATTERN),
 ) -> ModelDigestsOut:
     """The SHA-256 of every file of a deployed model version, recorded when it was deployed
     (uploaded or first loaded through the manager) and never changed afterwards; runtimes
@@ -160,7 +159,7 @@ async def remove_version_policy(request: Request, name: str = Path(pattern=MODEL
 
 
 @router.delete("/models/{name}", status_code=status.HTTP_204_NO_CONTENT, tags=["models"], responses={**_ERRORS, **error_responses(422, s422="not a model name or not a version")})
-async def delete_model(request: Request, name: str = Path(pattern=MODEL_NAME), version: str | None = Query(None, pattern=VERSION)) -> Response:
+async def delete_model(request: Request, name: str = Path(pattern=MODEL_NAME), version: str | None = Query(None, pattern=VERSION_PATTERN)) -> Response:
     """Delete a model (or one version), unloading it from runtimes first; refused while a pipeline uses it."""
     await _models(request).delete(name, version, request.headers.get("authorization", ""))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -174,7 +173,7 @@ async def load_model(name: str, body: LoadModel, request: Request) -> LoadedMode
 
 
 @router.delete("/runtimes/{name}/models/{model}", status_code=status.HTTP_204_NO_CONTENT, tags=["runtimes"], responses={**_ERRORS, **error_responses(422, s422="not a model name or not a version")})
-async def unload_model(name: str, request: Request, model: str = Path(pattern=MODEL_NAME), version: str | None = Query(None, pattern=VERSION)) -> Response:
+async def unload_model(name: str, request: Request, model: str = Path(pattern=MODEL_NAME), version: str | None = Query(None, pattern=VERSION_PATTERN)) -> Response:
     """Unload a model (or one version) from every instance of a runtime; refused while a pipeline needs it."""
     await _models(request).unload(name, model, version)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -15,6 +15,7 @@ from pydantic.json_schema import SkipJsonSchema, WithJsonSchema
 
 from manager.json_types import json_int
 from manager.traffic_spec import RateLimitSpec, StageTrafficFields
+from sluice import paths
 from sluice.plan import StagePlan
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
@@ -268,7 +269,8 @@ class VersionPolicyModel(BaseModel):
     default: str | None = None
 
 
-_POLICY_VERSION = r"^[A-Za-z0-9_.-]{1,64}$"
+#: a model version as the API takes it: one safe path segment (``sluice.paths.VERSION``)
+VERSION_PATTERN = rf"^{paths.VERSION.pattern}$"
 
 
 class LatestLoad(BaseModel):
@@ -290,7 +292,7 @@ class SpecificLoad(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    versions: list[Annotated[str, Field(pattern=_POLICY_VERSION)]] = Field(min_length=1, json_schema_extra={"uniqueItems": True})
+    versions: list[Annotated[str, Field(pattern=VERSION_PATTERN)]] = Field(min_length=1, json_schema_extra={"uniqueItems": True})
 
     @field_validator("versions")
     @classmethod
@@ -326,7 +328,7 @@ class VersionPolicyIn(BaseModel):
     #: which versions a runtime loads for the unpinned model; default: the latest one
     load: LoadPolicyIn = None  # type: ignore[assignment]  # absent, never null
     #: the version an unpinned request gets; default: the highest one loaded
-    default: Annotated[str, Field(pattern=_POLICY_VERSION)] = None  # type: ignore[assignment]  # absent, never null
+    default: Annotated[str, Field(pattern=VERSION_PATTERN)] = None  # type: ignore[assignment]  # absent, never null
 
 
 class ModelPolicyOut(BaseModel):
@@ -368,7 +370,7 @@ class LoadModel(BaseModel):
 
     model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     #: default: every version the model's version policy loads (no policy: the latest)
-    version: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    version: str | None = Field(None, pattern=VERSION_PATTERN)
 
 
 class LoadedModelOut(BaseModel):
