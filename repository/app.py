@@ -72,9 +72,7 @@ _POLICY_BODY = {
 
 
 def _entry(catalog: Catalog, model: str, version: str | None) -> tuple[ModelEntry, str]:
-    entry = catalog.get(model)
-    if entry is None:
-        raise ApiError(404, f"no model {model!r}", "not_found", model=model)
+    entry = catalog.found(model)
     version = version or entry.unpinned()
     if version not in entry.versions:
         raise ApiError(404, f"model {model!r} has no version {version!r}", "not_found", versions=list(entry.versions))
@@ -112,10 +110,7 @@ def create(settings: RepositorySettings, base_dir: Path | None = None) -> FastAP
     @app.get("/models/{name}", tags=["models"], response_model=ModelOut, responses=errors(e404="no such model"))
     async def model(name: str) -> dict:
         """One model in full: every version's framework, inputs, outputs and files (with SHA-256), and its version policy."""
-        entry = catalog.get(name)
-        if entry is None:
-            raise ApiError(404, f"no model {name!r}", "not_found", model=name)
-        return await asyncio.to_thread(views.detail, entry)
+        return await asyncio.to_thread(views.detail, catalog.found(name))
 
     @app.post(
         "/models/{name}",

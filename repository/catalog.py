@@ -152,6 +152,13 @@ class Catalog:
                 return entry
         return None
 
+    def found(self, name: str) -> ModelEntry:
+        """``get``, or a 404 ``not_found`` naming the model."""
+        entry = self.get(name)
+        if entry is None:
+            raise ApiError(404, f"no model {name!r}", "not_found", model=name)
+        return entry
+
     def refresh(self, name: str) -> ModelEntry | None:
         """Re-read one model after a change to it, so ``models()`` agrees with the disk."""
         entry = self.get(name)

@@ -24,9 +24,7 @@ from sluice.errors import ApiError
 def delete(catalog: Catalog, locks: ModelLocks, name: str, version: str | None = None) -> None:
     """Blocking (run it in a thread): 404 ``not_found`` for an unknown model or version."""
     with locks(name):
-        entry = catalog.get(name)
-        if entry is None:
-            raise ApiError(404, f"no model {name!r}", "not_found", model=name)
+        entry = catalog.found(name)
         if version is not None and version not in entry.versions:
             raise ApiError(404, f"model {name!r} has no version {version!r}", "not_found", versions=list(entry.versions))
         catalog.check_writable(entry, "be deleted")

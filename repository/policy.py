@@ -28,9 +28,7 @@ from sluice.version_policy import POLICY_FILE, PolicyError, policy_from_json
 
 
 def _model(catalog: Catalog, name: str, action: str) -> ModelEntry:
-    entry = catalog.get(name)
-    if entry is None:
-        raise ApiError(404, f"no model {name!r}", "not_found", model=name)
+    entry = catalog.found(name)
     catalog.check_writable(entry, action)
     return entry
 
